@@ -1,0 +1,113 @@
+"""Turn every failure into the one JSON error shape (see `companion.errors`), never a traceback,
+and cap request bodies before they are read."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from companion.errors import CompanionError, ServiceUnavailable, error_body
+from companion.storage.database import UNAVAILABLE_ERRORS
+
+logger = logging.getLogger(__name__)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _describe_validation(error: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    first_param: str | None = None
+    for item in error.errors():
+        loc = [str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        where = ".".join(loc)
+        if item.get("type") == "json_invalid":
+            problems.append("the body is not valid JSON")
+            continue
+        first_param = first_param or where or None
+        message = str(item.get("msg", "is invalid"))
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems) or "The request is invalid.", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CompanionError)
+    async def _companion(_: Request, error: CompanionError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
+        if error.status_code == 503:
+            headers = {"Retry-After": "5"}
+        return _json(error.status_code, error.to_body(), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(error)
+        return _json(422, error_body(message, "invalid_request_error", "invalid_input", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _json(error.status_code, error_body(str(error.detail), "invalid_request_error", code), error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, UNAVAILABLE_ERRORS):
+            unavailable = ServiceUnavailable("The database is unavailable right now; retry in a few seconds.")
+            return _json(503, unavailable.to_body(), {"Retry-After": "5"})
+        logger.exception("unhandled error")
+        return _json(500, error_body("Something went wrong on our side.", "server_error", "internal_error"))
+
+
+class BodySizeLimit:
+    """Reject bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = error_body(
+            f"The request body is larger than {self.max_bytes} bytes.",
+            "invalid_request_error",
+            "body_too_large",
+        )
+        await _json(413, body)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,215 @@
+"""OpenAI-compatible API: POST /v1/chat/completions and GET /v1/models.
+
+`model` is a personality name and the bearer token is the user's API key. The server keeps the
+conversation: only the newest user message of `messages` is taken (earlier ones, and system
+messages, are ignored, since the server already has the history). The conversation is the one named
+by the `conversation_id` body field or the `X-Conversation-Id` header, else the user's most recent
+conversation with that personality, else a new one; the answer names it in `conversation_id` and in
+the `X-Conversation-Id` header.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Header, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from companion.api.conversations import error_response, first_event
+from companion.api.deps import ServicesDep, UserIdDep
+from companion.api.sse import sse_event, sse_response
+from companion.chat.service import ChatEvent, DoneEvent, ErrorEvent, TokenEvent, Turn
+from companion.conversations.schemas import ConversationOut
+from companion.errors import InvalidInput
+from companion.services import Services
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Clients send many fields we do not use (n, top_p, presence_penalty, ...): accept and ignore.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="A personality name, as listed by GET /v1/models.")
+    messages: Annotated[list[OpenAIMessage], Field(min_length=1, max_length=1000)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    conversation_id: uuid.UUID | None = Field(
+        default=None, description="Continue this conversation (else the latest one with this personality)."
+    )
+
+
+def _completion_id(message_id: int | None) -> str:
+    return f"chatcmpl-{message_id}" if message_id is not None else f"chatcmpl-{uuid.uuid4().hex}"
+
+
+async def _conversation_for(
+    services: Services, user_id: uuid.UUID, personality: str, wanted: uuid.UUID | None
+) -> ConversationOut:
+    if wanted is not None:
+        conversation = await services.conversations.get(user_id, wanted)
+        if conversation.personality != personality:
+            raise InvalidInput(
+                f"Conversation {wanted} is with {conversation.personality!r}, not {personality!r}.",
+                param="conversation_id",
+            )
+        return conversation
+    return await services.conversations.latest(user_id, personality) or await services.conversations.create(
+        user_id, personality
+    )
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest,
+    user_id: UserIdDep,
+    services: ServicesDep,
+    x_conversation_id: Annotated[uuid.UUID | None, Header()] = None,
+) -> Response:
+    """Chat with a personality through any OpenAI client (stream or not)."""
+    personality = await services.personalities.resolve(user_id, body.model)
+    newest = body.messages[-1]
+    if newest.role != "user":
+        raise InvalidInput("The last message must have role 'user'.", param="messages")
+    conversation = await _conversation_for(
+        services, user_id, personality.name, body.conversation_id or x_conversation_id
+    )
+    turn = await services.chat.begin(
+        user_id,
+        conversation,
+        newest.text(),
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+    )
+    events = services.chat.run(turn)
+    first = await first_event(events)
+    if isinstance(first, ErrorEvent) and first.message_id is None:
+        return error_response(first.error)
+    headers = {"X-Conversation-Id": str(conversation.id)}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_stream(turn, personality.name, first, events, include_usage), headers)
+    return await _complete(turn, personality.name, first, events, headers)
+
+
+async def _complete(
+    turn: Turn, model: str, first: ChatEvent, events: AsyncIterator[ChatEvent], headers: dict[str, str]
+) -> Response:
+    event = first
+    async for event in events:
+        pass
+    if isinstance(event, ErrorEvent):
+        return error_response(event.error)
+    assert isinstance(event, DoneEvent)
+    body = {
+        "id": _completion_id(event.message_id),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "conversation_id": str(turn.conversation.id),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": event.content},
+                "finish_reason": event.finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": event.usage.prompt_tokens,
+            "completion_tokens": event.usage.completion_tokens,
+            "total_tokens": event.usage.total_tokens,
+        },
+    }
+    return JSONResponse(body, headers=headers)
+
+
+async def _stream(
+    turn: Turn, model: str, first: ChatEvent, events: AsyncIterator[ChatEvent], include_usage: bool
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    completion_id = _completion_id(None)
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, usage: Any = None) -> bytes:
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "conversation_id": str(turn.conversation.id),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if delta is not None else [],
+        }
+        if usage is not None:
+            payload["usage"] = usage
+        return sse_event(None, orjson.dumps(payload))
+
+    yield chunk({"role": "assistant", "content": ""})
+    event: ChatEvent | None = first
+    try:
+        while event is not None:
+            if isinstance(event, TokenEvent):
+                yield chunk({"content": event.text})
+            elif isinstance(event, DoneEvent):
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    usage = {
+                        "prompt_tokens": event.usage.prompt_tokens,
+                        "completion_tokens": event.usage.completion_tokens,
+                        "total_tokens": event.usage.total_tokens,
+                    }
+                    yield chunk(None, usage=usage)  # type: ignore[arg-type]
+            elif isinstance(event, ErrorEvent):
+                # OpenAI's own convention for a failure mid-stream; its client raises APIError.
+                yield sse_event(None, event.error.to_body())
+            event = await anext(events, None)
+        yield b"data: [DONE]\n\n"
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+@router.get("/models")
+async def list_models(user_id: UserIdDep, services: ServicesDep) -> dict[str, Any]:
+    """Every personality the user can chat with, as OpenAI 'models'."""
+    personalities = await services.personalities.list_visible(user_id)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": p.name,
+                "object": "model",
+                "created": int(p.created_at.timestamp()),
+                "owned_by": "companion" if p.scope == "global" else "you",
+            }
+            for p in personalities
+        ],
+    }

@@ -1,0 +1,54 @@
+"""The application factory: `create_app(settings)` wires routers and error handling; the lifespan
+builds every backend and disposes of them. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from companion import __version__
+from companion.api import conversations, health, openai_compat, personalities, preferences
+from companion.api.errors import BodySizeLimit, install_error_handlers
+from companion.config import Settings, load_settings
+from companion.llm.base import LLMProvider
+from companion.services import Services
+from companion.types import Clock, utcnow
+
+
+def create_app(
+    settings: Settings | None = None, *, provider: LLMProvider | None = None, clock: Clock = utcnow
+) -> FastAPI:
+    """Build the app. Tests pass a `provider` (e.g. ScriptedProvider) and a `clock`."""
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services.build(settings, provider=provider, clock=clock)
+        try:
+            await services.start()
+            app.state.services = services
+            yield
+        finally:
+            await services.aclose()
+
+    app = FastAPI(
+        title="companion",
+        version=__version__,
+        description="An AI-companion chat service: personalities, streamed replies, memory. "
+        "Authenticate with `Authorization: Bearer <api key>`.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    for module in (health, personalities, preferences, conversations, openai_compat):
+        app.include_router(module.router)
+    logging.getLogger("companion").setLevel(settings.log_level)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory companion.app:create_app_from_env` (several workers)."""
+    return create_app()

@@ -1,0 +1,53 @@
+"""Prompt assembly: the personality's system prompt, shaped by the user's preferences, then the
+recent turns, newest kept first when the token budget is tight."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from companion.conversations.schemas import MessageOut
+from companion.llm.base import ChatMessage, estimate_tokens
+from companion.personalities.schemas import PersonalityOut
+from companion.preferences.schemas import Preferences
+
+_LENGTH = {
+    "short": "Keep replies short: one to three sentences.",
+    "medium": "Keep replies to a short paragraph unless asked for more.",
+    "long": "Detailed replies are welcome when the topic calls for them.",
+}
+_TONE = {"casual": "Use a casual, relaxed tone.", "neutral": "", "formal": "Use a polite, formal tone."}
+
+
+def system_prompt(personality: PersonalityOut, preferences: Preferences) -> str:
+    parts = [personality.system_prompt.strip()]
+    if preferences.preferred_name:
+        parts.append(f"Address the user as {preferences.preferred_name}.")
+    parts.append(_LENGTH[preferences.reply_length])
+    if _TONE[preferences.tone]:
+        parts.append(_TONE[preferences.tone])
+    if preferences.language:
+        parts.append(f"Always reply in {preferences.language}.")
+    if preferences.interests:
+        parts.append("The user is interested in: " + ", ".join(preferences.interests) + ".")
+    return " ".join(parts)
+
+
+def build_prompt(
+    personality: PersonalityOut,
+    preferences: Preferences,
+    history: Sequence[MessageOut],
+    *,
+    token_budget: int,
+) -> list[ChatMessage]:
+    """`history` is oldest first and ends with the new user message, which is always kept."""
+    system = ChatMessage("system", system_prompt(personality, preferences))
+    remaining = token_budget - estimate_tokens(system.content)
+    kept: list[ChatMessage] = []
+    for message in reversed(history):
+        cost = estimate_tokens(message.content)
+        if kept and cost > remaining:
+            break
+        kept.append(ChatMessage(message.role, message.content))
+        remaining -= cost
+    kept.reverse()
+    return [system, *kept]

@@ -1,0 +1,234 @@
+"""One chat turn, end to end: check the input, store the user's message, assemble the prompt,
+stream the reply while saving it, and settle its final state whatever happens.
+
+Durability rules (DESIGN-NOTES #6): the user's message is committed before generation starts; the
+reply row is created at its first token and its text saved at least every
+STREAM_FLUSH_INTERVAL_SECONDS while streaming; a client that leaves mid-reply leaves the partial
+text marked `incomplete`; a provider failure mid-reply leaves what was generated marked `error`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+
+from companion.chat.prompt import build_prompt
+from companion.conversations.schemas import ConversationOut, MessageOut
+from companion.conversations.service import ConversationService
+from companion.errors import CompanionError, InvalidInput
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
+from companion.personalities.service import PersonalityService
+from companion.preferences.service import PreferenceService
+from companion.types import check_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    short_term_memory_size: int = 20
+    max_message_chars: int = 8000
+    context_tokens: int = 2048
+    max_tokens: int = 256
+    temperature: float = 0.7
+    repeat_penalty: float = 1.1
+    flush_interval_seconds: float = 0.25
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Everything decided before the first token: who, where, the stored user message, the prompt."""
+
+    user_id: uuid.UUID
+    conversation: ConversationOut
+    user_message: MessageOut
+    prompt: list[ChatMessage]
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    message_id: int
+    user_message_id: int
+    content: str
+    usage: Usage
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: CompanionError
+    message_id: int | None
+    content: str = ""
+
+
+ChatEvent = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class _Reply:
+    parts: list[str] = field(default_factory=list)
+    message_id: int | None = None
+    usage: Usage | None = None
+    finish_reason: str = "stop"
+    saved_chars: int = 0
+    last_flush: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        conversations: ConversationService,
+        personalities: PersonalityService,
+        preferences: PreferenceService,
+        provider: LLMProvider,
+        limits: ChatLimits,
+    ) -> None:
+        self._conversations = conversations
+        self._personalities = personalities
+        self._preferences = preferences
+        self._provider = provider
+        self.limits = limits
+
+    def check_message(self, content: str) -> str:
+        """Raises InvalidInput for empty, oversized or control-character input; stores nothing."""
+        if not content.strip():
+            raise InvalidInput("The message is empty.", code="empty_message", param="content")
+        if len(content) > self.limits.max_message_chars:
+            raise InvalidInput(
+                f"The message is longer than {self.limits.max_message_chars} characters; split it up.",
+                code="message_too_long",
+                param="content",
+            )
+        try:
+            check_text(content)
+        except ValueError as error:
+            raise InvalidInput(f"The message is not acceptable: {error}.", param="content") from None
+        return content
+
+    async def begin(
+        self,
+        user_id: uuid.UUID,
+        conversation: ConversationOut,
+        content: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Turn:
+        """Validate, resolve the personality, store the user's message and build the prompt.
+
+        Raises InvalidInput, NotFound (personality gone), ServiceUnavailable.
+        """
+        content = self.check_message(content)
+        personality = await self._personalities.resolve(user_id, conversation.personality)
+        preferences = await self._preferences.get(user_id)
+        user_message = await self._conversations.add_message(conversation.id, "user", content)
+        history = await self._conversations.recent_messages(conversation.id, self.limits.short_term_memory_size)
+        if not history or history[-1].id != user_message.id:
+            # A concurrent turn slipped in after ours; our message still ends our prompt.
+            history = [m for m in history if m.id != user_message.id][-(self.limits.short_term_memory_size - 1) :]
+            history.append(user_message)
+        params = GenerationParams(
+            max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
+            temperature=self.limits.temperature if temperature is None else temperature,
+            repeat_penalty=self.limits.repeat_penalty,
+        )
+        prompt = build_prompt(
+            personality,
+            preferences,
+            history,
+            token_budget=self.limits.context_tokens - params.max_tokens,
+        )
+        return Turn(user_id, conversation, user_message, prompt, params)
+
+    async def run(self, turn: Turn) -> AsyncIterator[ChatEvent]:
+        """Generate and persist the reply, yielding its tokens and then one DoneEvent or ErrorEvent.
+
+        If the consumer stops early (client disconnect), the partial reply is saved `incomplete`.
+        """
+        reply = _Reply(last_flush=time.monotonic())
+        settled = False
+        try:
+            stream = self._provider.stream(turn.prompt, turn.params)
+            try:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        reply.usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        reply.finish_reason = chunk.finish_reason
+                    if not chunk.text:
+                        continue
+                    reply.parts.append(chunk.text)
+                    await self._save_progress(turn, reply)
+                    yield TokenEvent(chunk.text)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+            if reply.message_id is None:
+                # A model may legitimately say nothing; record that the turn was answered.
+                message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
+                reply.message_id = message.id
+            await self._settle(turn, reply, "complete")
+            settled = True
+        except CompanionError as error:
+            # Provider failure (502/504) or the database going away mid-reply (503).
+            settled = await self._settle_quietly(turn, reply, "error")
+            yield ErrorEvent(error, reply.message_id, reply.text)
+            return
+        finally:
+            if not settled:
+                # Cancelled or closed (the client left): keep what the user already saw, shielded
+                # from the cancellation that is tearing the response down.
+                with anyio.CancelScope(shield=True):
+                    await self._settle_quietly(turn, reply, "incomplete")
+        usage = reply.usage or Usage(0, len(reply.parts))
+        assert reply.message_id is not None
+        yield DoneEvent(reply.message_id, turn.user_message.id, reply.text, usage, reply.finish_reason)
+
+    async def _save_progress(self, turn: Turn, reply: _Reply) -> None:
+        if reply.message_id is None:
+            message = await self._conversations.add_message(
+                turn.conversation.id, "assistant", reply.text, status="streaming"
+            )
+            reply.message_id = message.id
+            reply.saved_chars = len(reply.text)
+            reply.last_flush = time.monotonic()
+            return
+        now = time.monotonic()
+        if now - reply.last_flush >= self.limits.flush_interval_seconds:
+            await self._conversations.update_message(reply.message_id, reply.text, status="streaming")
+            reply.saved_chars = len(reply.text)
+            reply.last_flush = now
+
+    async def _settle(self, turn: Turn, reply: _Reply, status: str) -> None:
+        if reply.message_id is None:
+            return
+        usage = reply.usage or Usage(0, len(reply.parts))
+        await self._conversations.update_message(
+            reply.message_id,
+            reply.text,
+            status=status,  # type: ignore[arg-type]
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+
+    async def _settle_quietly(self, turn: Turn, reply: _Reply, status: str) -> bool:
+        try:
+            await self._settle(turn, reply, status)
+        except CompanionError:
+            logger.warning("could not save the final state of reply %s", reply.message_id, exc_info=True)
+        return True

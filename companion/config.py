@@ -1,0 +1,109 @@
+"""Settings: one pydantic-settings class read from the environment and `.env` (environment wins).
+
+Nothing is built at import time; `load_settings()` is called by the app factory and the CLI, and turns
+a validation failure into `SettingsError`, whose message names the variable but never its value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from companion.errors import SettingsError
+
+DEFAULT_DATA_DIR = Path("data")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    # Empty means "a SQLite file in DATA_DIR"; resolved in `resolved_database_url`.
+    database_url: SecretStr = SecretStr("")
+    database_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    sqlite_busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
+    auto_migrate: bool = True
+
+    redis_enabled: bool = False
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+    llm_provider: Literal["local", "openai", "scripted"] = "local"
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr | None = None
+    llm_model: str = "SmolLM2-135M-Instruct"
+    llm_model_path: Path | None = None
+    llm_threads: int = Field(default=2, ge=1, le=256)
+    llm_batch_threads: int = Field(default=2, ge=1, le=256)
+    llm_context_size: int = Field(default=2048, ge=256, le=131_072)
+    llm_max_tokens: int = Field(default=256, ge=1, le=32_768)
+    llm_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    llm_repeat_penalty: float = Field(default=1.1, ge=0.5, le=2.0)
+    llm_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    llm_max_retries: int = Field(default=2, ge=0, le=10)
+
+    short_term_memory_size: int = Field(default=20, ge=1, le=500)
+    max_message_chars: int = Field(default=8000, ge=1, le=200_000)
+    max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    stream_flush_interval_seconds: float = Field(default=0.25, gt=0, le=10)
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str | None) -> str | None:
+        if value is not None and value != "" and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_supported(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw and not raw.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://", "sqlite://", "postgresql://")):
+            raise ValueError("must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> Settings:
+        if self.llm_provider == "openai" and not self.llm_base_url and self.llm_api_key is None:
+            raise ValueError("LLM_PROVIDER=openai needs LLM_BASE_URL (a compatible server) or LLM_API_KEY (OpenAI)")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        raw = self.database_url.get_secret_value()
+        if not raw:
+            return f"sqlite+aiosqlite:///{(self.data_dir / 'companion.db').resolve()}"
+        if raw.startswith("sqlite://"):
+            return "sqlite+aiosqlite://" + raw[len("sqlite://") :]
+        if raw.startswith("postgresql://"):
+            return "postgresql+asyncpg://" + raw[len("postgresql://") :]
+        return raw
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; raise `SettingsError` naming each bad variable, never echoing a value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            problems.append(f"{variable}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

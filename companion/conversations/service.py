@@ -1,0 +1,200 @@
+"""Conversations and their messages, always scoped to the owning user: another user's ids are
+indistinguishable from ids that do not exist (NotFound)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, select, update
+
+from companion.conversations.schemas import ConversationOut, MessageOut, MessageStatus
+from companion.errors import NotFound
+from companion.storage.database import Database
+from companion.storage.models import Conversation, Message
+from companion.types import Clock, utcnow
+
+
+def _conversation_out(row: Conversation) -> ConversationOut:
+    return ConversationOut(
+        id=row.id,
+        personality=row.personality_name,
+        title=row.title,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _message_out(row: Message) -> MessageOut:
+    return MessageOut(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        role=row.role,  # type: ignore[arg-type]
+        content=row.content,
+        status=row.status,  # type: ignore[arg-type]
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        created_at=row.created_at,
+    )
+
+
+def _conversation_not_found() -> NotFound:
+    return NotFound("No such conversation. List yours with GET /v1/conversations.", code="conversation_not_found")
+
+
+class ConversationService:
+    def __init__(self, database: Database, clock: Clock = utcnow) -> None:
+        self._db = database
+        self._clock = clock
+
+    async def create(self, user_id: uuid.UUID, personality_name: str, title: str | None = None) -> ConversationOut:
+        now = self._clock()
+        row = Conversation(
+            id=uuid.uuid4(),
+            user_id=user_id,
+            personality_name=personality_name,
+            title=title,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._db.session() as session:
+            session.add(row)
+        return _conversation_out(row)
+
+    async def get(self, user_id: uuid.UUID, conversation_id: uuid.UUID) -> ConversationOut:
+        """Raises NotFound when missing or owned by someone else."""
+        async with self._db.session() as session:
+            row = (
+                await session.execute(
+                    select(Conversation).where(Conversation.id == conversation_id, Conversation.user_id == user_id)
+                )
+            ).scalar_one_or_none()
+        if row is None:
+            raise _conversation_not_found()
+        return _conversation_out(row)
+
+    async def latest(self, user_id: uuid.UUID, personality_name: str) -> ConversationOut | None:
+        async with self._db.session() as session:
+            row = (
+                await session.execute(
+                    select(Conversation)
+                    .where(Conversation.user_id == user_id, Conversation.personality_name == personality_name)
+                    .order_by(Conversation.updated_at.desc(), Conversation.created_at.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+        return _conversation_out(row) if row else None
+
+    async def list(
+        self, user_id: uuid.UUID, *, personality: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[ConversationOut], bool]:
+        query = select(Conversation).where(Conversation.user_id == user_id)
+        if personality is not None:
+            query = query.where(Conversation.personality_name == personality)
+        query = query.order_by(Conversation.updated_at.desc(), Conversation.id).offset(offset).limit(limit + 1)
+        async with self._db.session() as session:
+            rows = list((await session.execute(query)).scalars())
+        return [_conversation_out(r) for r in rows[:limit]], len(rows) > limit
+
+    async def delete(self, user_id: uuid.UUID, conversation_id: uuid.UUID) -> None:
+        async with self._db.session() as session:
+            result = await session.execute(
+                delete(Conversation).where(Conversation.id == conversation_id, Conversation.user_id == user_id)
+            )
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise _conversation_not_found()
+
+    # --- messages -------------------------------------------------------------------------------
+
+    async def add_message(
+        self,
+        conversation_id: uuid.UUID,
+        role: str,
+        content: str,
+        *,
+        status: MessageStatus = "complete",
+    ) -> MessageOut:
+        """Store a message and mark the conversation active; returns it with its id."""
+        now = self._clock()
+        row = Message(conversation_id=conversation_id, role=role, content=content, status=status, created_at=now)
+        async with self._db.session() as session:
+            session.add(row)
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now))
+        return _message_out(row)
+
+    async def update_message(
+        self,
+        message_id: int,
+        content: str,
+        *,
+        status: MessageStatus,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        values: dict[str, object] = {"content": content, "status": status}
+        if prompt_tokens is not None:
+            values["prompt_tokens"] = prompt_tokens
+        if completion_tokens is not None:
+            values["completion_tokens"] = completion_tokens
+        async with self._db.session() as session:
+            await session.execute(update(Message).where(Message.id == message_id).values(**values))
+
+    async def list_messages(
+        self,
+        user_id: uuid.UUID,
+        conversation_id: uuid.UUID,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        after: int | None = None,
+    ) -> tuple[list[MessageOut], bool]:
+        """A page of messages in chronological order: the newest `limit` by default, those older than
+        `before`, or those newer than `after`. Raises NotFound for another user's conversation."""
+        await self.get(user_id, conversation_id)
+        query = select(Message).where(Message.conversation_id == conversation_id)
+        if after is not None:
+            query = query.where(Message.id > after).order_by(Message.id.asc())
+        else:
+            if before is not None:
+                query = query.where(Message.id < before)
+            query = query.order_by(Message.id.desc())
+        async with self._db.session() as session:
+            rows = list((await session.execute(query.limit(limit + 1))).scalars())
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if after is None:
+            rows.reverse()
+        return [_message_out(r) for r in rows], has_more
+
+    async def recent_messages(self, conversation_id: uuid.UUID, count: int) -> Sequence[MessageOut]:
+        """The newest `count` messages that belong in a prompt, oldest first. A reply still being
+        generated is left out; partial replies the user already saw are kept."""
+        async with self._db.session() as session:
+            rows = list(
+                (
+                    await session.execute(
+                        select(Message)
+                        .where(
+                            Message.conversation_id == conversation_id,
+                            Message.status != "streaming",
+                            Message.content != "",
+                        )
+                        .order_by(Message.id.desc())
+                        .limit(count)
+                    )
+                ).scalars()
+            )
+        rows.reverse()
+        return [_message_out(r) for r in rows]
+
+    async def recover_interrupted(self, older_than: datetime) -> int:
+        """Mark replies left 'streaming' by a crash as 'incomplete'. Run at start-up; only rows
+        started before `older_than`, so that other instances' live streams are left alone."""
+        async with self._db.session() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.status == "streaming", Message.created_at < older_than)
+                .values(status="incomplete")
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -1,0 +1,131 @@
+"""The async engine and unit-of-work sessions, for SQLite (aiosqlite) and PostgreSQL (asyncpg).
+
+SQLite runs in WAL mode with a busy timeout, and every transaction starts with BEGIN IMMEDIATE: a
+deferred transaction that reads and then writes can fail at once with "database is locked" whatever
+the busy timeout, while an immediate one waits its turn. Errors that mean "the database cannot be
+reached" are mapped to `ServiceUnavailable` (HTTP 503) in one place, `session()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, exc, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from companion.errors import ServiceUnavailable
+
+# Errors that say the server is gone or overloaded, not that the query was wrong.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.TimeoutError,
+    TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, UNAVAILABLE_ERRORS)
+
+
+class Database:
+    """Owns the engine; hands out sessions that commit on success and roll back on error."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 3.0,
+        pool_size: int = 10,
+        sqlite_busy_timeout_ms: int = 5000,
+        echo: bool = False,
+    ) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        self.connect_timeout = connect_timeout
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.dialect == "sqlite":
+            database = parsed.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": sqlite_busy_timeout_ms / 1000}
+        else:
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_timeout=connect_timeout,
+                pool_pre_ping=True,
+                connect_args={"timeout": connect_timeout, "command_timeout": 30},
+            )
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine, sqlite_busy_timeout_ms)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.queries = 0  # statements executed; tests use it to prove what the cache saves
+        event.listen(self.engine.sync_engine, "before_cursor_execute", self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.queries += 1
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commits when the block ends normally, rolls back otherwise.
+
+        Raises `ServiceUnavailable` when the database cannot be reached or does not answer in time.
+        """
+        try:
+            async with self.sessionmaker() as session:
+                try:
+                    yield session
+                    await session.commit()
+                except BaseException:
+                    await session.rollback()
+                    raise
+        except ServiceUnavailable:
+            raise
+        except BaseException as error:
+            if _is_unavailable(error) and not isinstance(error, asyncio.CancelledError):
+                raise ServiceUnavailable("The database is unavailable right now; retry in a few seconds.") from error
+            raise
+
+    async def ping(self) -> float:
+        """Round-trip a trivial query; return its latency in ms. Raises ServiceUnavailable."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                async with self.session() as session:
+                    await session.execute(text("SELECT 1"))
+        except TimeoutError as error:
+            raise ServiceUnavailable("The database did not answer in time.") from error
+        return (time.perf_counter() - started) * 1000
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (see the module docstring).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
