@@ -33,6 +33,20 @@ class Settings(BaseSettings):
 
     redis_enabled: bool = False
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_socket_timeout_ms: int = Field(default=250, ge=1, le=60_000)
+    redis_connect_timeout_ms: int = Field(default=250, ge=1, le=60_000)
+    redis_retries: int = Field(default=1, ge=0, le=10)
+    redis_max_connections: int = Field(default=64, ge=1, le=10_000)
+    redis_health_check_interval_seconds: int = Field(default=15, ge=0, le=3600)
+    redis_breaker_failures: int = Field(default=3, ge=1, le=1000)
+    redis_breaker_reset_seconds: float = Field(default=2.0, gt=0, le=600)
+
+    cache_personality_ttl_seconds: float = Field(default=3600, gt=0)
+    cache_preferences_ttl_seconds: float = Field(default=300, gt=0)
+    cache_local_ttl_seconds: float = Field(default=60, gt=0)
+    cache_miss_ttl_seconds: float = Field(default=30, gt=0)
+    cache_local_max_entries: int = Field(default=10_000, ge=1)
+    session_ttl_seconds: float = Field(default=12 * 3600, gt=0)
 
     llm_provider: Literal["local", "openai", "scripted"] = "local"
     llm_base_url: str | None = None

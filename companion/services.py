@@ -8,17 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from companion.cache.backend import CacheBackend
+from companion.cache.breaker import CircuitBreaker
+from companion.cache.invalidation import InvalidationListener
+from companion.cache.local import LocalCache
+from companion.cache.memory import MemoryBackend
+from companion.cache.redis import RedisBackend, make_client
+from companion.cache.tiered import TieredCache
 from companion.chat.service import ChatLimits, ChatService
 from companion.config import Settings
 from companion.conversations.service import ConversationService
 from companion.llm.base import LLMProvider
 from companion.llm.factory import build_provider
-from companion.personalities.service import PersonalityService
-from companion.preferences.service import PreferenceService
+from companion.personalities.cached import CachedPersonalityService
+from companion.preferences.cached import CachedPreferenceService
+from companion.sessions.service import SessionService
 from companion.storage import migrate
 from companion.storage.database import Database
 from companion.types import Clock, utcnow
-from companion.users.service import UserService
+from companion.users.cached import CachedUserService
 
 
 @dataclass
@@ -26,12 +34,16 @@ class Services:
     settings: Settings
     database: Database
     provider: LLMProvider
-    users: UserService
-    personalities: PersonalityService
-    preferences: PreferenceService
+    users: CachedUserService
+    personalities: CachedPersonalityService
+    preferences: CachedPreferenceService
     conversations: ConversationService
     chat: ChatService
     clock: Clock
+    cache: TieredCache
+    sessions: SessionService
+    redis: RedisBackend | None = None
+    listener: InvalidationListener | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, provider: LLMProvider | None = None, clock: Clock = utcnow) -> Services:
@@ -42,9 +54,49 @@ class Services:
             sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         )
         provider = provider or build_provider(settings)
+        redis_backend: RedisBackend | None = None
+        listener: InvalidationListener | None = None
+        backend: CacheBackend
+        local = LocalCache(max_entries=settings.cache_local_max_entries)
+        if settings.redis_enabled:
+            client = make_client(
+                settings.redis_url.get_secret_value(),
+                socket_timeout_ms=settings.redis_socket_timeout_ms,
+                connect_timeout_ms=settings.redis_connect_timeout_ms,
+                retries=settings.redis_retries,
+                max_connections=settings.redis_max_connections,
+                health_check_interval=settings.redis_health_check_interval_seconds,
+            )
+            breaker = CircuitBreaker(
+                failure_threshold=settings.redis_breaker_failures, reset_seconds=settings.redis_breaker_reset_seconds
+            )
+            backend = redis_backend = RedisBackend(client, breaker=breaker)
+            cache = TieredCache(backend, local=local)
+            listener = InvalidationListener(client, cache)
+            redis_backend.on_recovery.append(cache.replay_pending)
+            sessions = SessionService(
+                backend, fallback=MemoryBackend(), ttl_seconds=settings.session_ttl_seconds, clock=clock
+            )
+        else:
+            backend = MemoryBackend(max_entries=max(settings.cache_local_max_entries * 10, 10_000))
+            cache = TieredCache(backend, local=local)
+            sessions = SessionService(backend, ttl_seconds=settings.session_ttl_seconds, clock=clock)
         conversations = ConversationService(database, clock)
-        personalities = PersonalityService(database, clock)
-        preferences = PreferenceService(database, clock)
+        personalities = CachedPersonalityService(
+            database,
+            cache,
+            clock,
+            ttl=settings.cache_personality_ttl_seconds,
+            local_ttl=settings.cache_local_ttl_seconds,
+            miss_ttl=settings.cache_miss_ttl_seconds,
+        )
+        preferences = CachedPreferenceService(
+            database,
+            cache,
+            clock,
+            ttl=settings.cache_preferences_ttl_seconds,
+            local_ttl=settings.cache_local_ttl_seconds,
+        )
         chat = ChatService(
             conversations=conversations,
             personalities=personalities,
@@ -64,12 +116,16 @@ class Services:
             settings=settings,
             database=database,
             provider=provider,
-            users=UserService(database, clock),
+            users=CachedUserService(database, cache, clock, local_ttl=settings.cache_local_ttl_seconds),
             personalities=personalities,
             preferences=preferences,
             conversations=conversations,
             chat=chat,
             clock=clock,
+            cache=cache,
+            sessions=sessions,
+            redis=redis_backend,
+            listener=listener,
         )
 
     async def start(self, *, load_model: bool = True) -> None:
@@ -79,9 +135,14 @@ class Services:
             await migrate.upgrade(self.database)
         await self.personalities.ensure_builtins()
         await self.conversations.recover_interrupted(older_than=self.clock() - timedelta(minutes=10))
+        if self.listener is not None:
+            self.listener.start()
         if load_model:
             await self.provider.start()
 
     async def aclose(self) -> None:
+        if self.listener is not None:
+            await self.listener.aclose()
+        await self.cache.backend.aclose()
         await self.provider.aclose()
         await self.database.dispose()

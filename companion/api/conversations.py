@@ -127,9 +127,7 @@ async def post_message(
 
 
 async def _collect(first: ChatEvent, events: AsyncIterator[ChatEvent]) -> Response:
-    event: ChatEvent = first
-    async for event in events:
-        pass
+    event = [first, *[e async for e in events]][-1]
     if isinstance(event, ErrorEvent):
         return error_response(event.error)
     assert isinstance(event, DoneEvent)

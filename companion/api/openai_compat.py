@@ -126,9 +126,7 @@ async def chat_completions(
 async def _complete(
     turn: Turn, model: str, first: ChatEvent, events: AsyncIterator[ChatEvent], headers: dict[str, str]
 ) -> Response:
-    event = first
-    async for event in events:
-        pass
+    event = [first, *[e async for e in events]][-1]
     if isinstance(event, ErrorEvent):
         return error_response(event.error)
     assert isinstance(event, DoneEvent)

@@ -10,7 +10,8 @@ from companion.types import Line, NonBlankLine
 
 
 class Preferences(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Frozen: cached instances are shared between requests.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     preferred_name: Annotated[NonBlankLine, Field(max_length=64)] | None = Field(
         default=None, description="How the companion addresses the user."
@@ -20,7 +21,5 @@ class Preferences(BaseModel):
         default=None, description="Language to reply in, e.g. 'English' or 'pt-BR'."
     )
     tone: Literal["casual", "neutral", "formal"] = "neutral"
-    interests: Annotated[list[Annotated[Line, Field(min_length=1, max_length=64)]], Field(max_length=20)] = Field(
-        default_factory=list
-    )
+    interests: Annotated[tuple[Annotated[Line, Field(min_length=1, max_length=64)], ...], Field(max_length=20)] = ()
     memory_enabled: bool = Field(default=True, description="Whether the companion may keep long-term memories.")

@@ -16,6 +16,7 @@ from companion.storage.models import ApiKey, User
 from companion.types import Clock, utcnow
 
 KEY_PREFIX = "cmp_"
+INVALID_KEY = "Invalid API key. Create one with `companion users create NAME`."
 
 
 def hash_api_key(api_key: str) -> str:
@@ -59,16 +60,20 @@ class UserService:
     async def authenticate(self, api_key: str) -> uuid.UUID:
         """Return the user id owning `api_key`. Raises Unauthorized for unknown or revoked keys."""
         if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
-            raise Unauthorized("Invalid API key. Create one with `companion users create NAME`.")
+            raise Unauthorized(INVALID_KEY)
+        user_id = await self._owner_of(hash_api_key(api_key))
+        if user_id is None:
+            raise Unauthorized(INVALID_KEY)
+        return user_id
+
+    async def _owner_of(self, key_hash: str) -> uuid.UUID | None:
         async with self._db.session() as session:
             row = (
                 await session.execute(
-                    select(ApiKey.user_id).where(ApiKey.key_hash == hash_api_key(api_key), ApiKey.revoked_at.is_(None))
+                    select(ApiKey.user_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
                 )
             ).first()
-        if row is None:
-            raise Unauthorized("Invalid API key. Create one with `companion users create NAME`.")
-        return row[0]
+        return row[0] if row else None
 
     async def find_by_name(self, name: str) -> uuid.UUID | None:
         async with self._db.session() as session:

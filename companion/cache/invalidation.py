@@ -1,0 +1,79 @@
+"""The invalidation listener: a Redis pub/sub subscription that tells this instance's L1 what
+other instances changed. While it is down, L1 is cleared and bypassed; when it comes back, L1 is
+cleared once more (anything may have changed meanwhile) and re-enabled, and invalidations this
+instance could not publish are replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from companion.cache import keys
+from companion.cache.tiered import TieredCache
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidationListener:
+    def __init__(
+        self, client: aioredis.Redis, cache: TieredCache, *, retry_seconds: float = 0.2, max_retry_seconds: float = 2.0
+    ) -> None:
+        self._client = client
+        self._cache = cache
+        self._retry_seconds = retry_seconds
+        self._max_retry_seconds = max_retry_seconds
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._cache.local.enabled = False  # until the subscription is confirmed
+        self._task = asyncio.create_task(self._run(), name="cache-invalidation-listener")
+
+    async def _run(self) -> None:
+        delay = self._retry_seconds
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.INVALIDATION_CHANNEL)
+                # Subscribed: anything published from now on reaches us, so L1 can be trusted again.
+                self._cache.local.clear()
+                self._cache.local.enabled = True
+                self.connected.set()
+                delay = self._retry_seconds
+                logger.info("cache invalidation channel connected")
+                await self._cache.replay_pending()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._cache.on_message(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as error:
+                if self.connected.is_set():
+                    logger.warning(
+                        "cache invalidation channel lost (%s); L1 cleared and bypassed", type(error).__name__
+                    )
+                self._lost()
+            except Exception:
+                logger.exception("cache invalidation listener failed; L1 cleared and bypassed")
+                self._lost()
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_retry_seconds)
+
+    def _lost(self) -> None:
+        self.connected.clear()
+        self._cache.local.enabled = False
+        self._cache.local.clear()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

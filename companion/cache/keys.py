@@ -1,0 +1,83 @@
+"""Every Redis key and channel companion uses, built here and nowhere else.
+
+Keys live under a versioned namespace (`companion:v1:`). User-supplied parts pass through `part()`:
+safe short tokens stay readable, anything else (`a:*`, `../x`, emoji, very long names) becomes
+`h.<sha256 prefix>`, so no input can collide with another key or act as a SCAN pattern (a literal
+part can never contain the `.` that marks a hashed one). Per-user keys carry the cluster hash tag
+`{u:<user id>}`, so keys used together in one command or script live on one slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+
+PREFIX = "companion:v1"
+INVALIDATION_CHANNEL = f"{PREFIX}:invalidate"
+_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def part(value: str) -> str:
+    if _SAFE.match(value):
+        return value
+    return "h." + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def user_tag(user_id: uuid.UUID) -> str:
+    return f"{{u:{user_id.hex}}}"
+
+
+def personality(user_id: uuid.UUID, name: str) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:personality:{part(name)}"
+
+
+def personality_pattern(name: str | None = None) -> str:
+    """SCAN pattern for one personality name across all users, or every personality entry."""
+    return f"{PREFIX}:*:personality:{part(name) if name else '*'}"
+
+
+def preferences(user_id: uuid.UUID) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:prefs"
+
+
+def api_key(key_hash: str) -> str:
+    return f"{PREFIX}:apikey:{part(key_hash)}"
+
+
+def session(user_id: uuid.UUID, session_id: str) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:session:{part(session_id)}"
+
+
+def session_index(user_id: uuid.UUID) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:sessions"
+
+
+def memory_generation(user_id: uuid.UUID) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:memgen"
+
+
+def memory_search(user_id: uuid.UUID, generation: int, conversation_id: uuid.UUID | None, query: str) -> str:
+    conversation = conversation_id.hex if conversation_id else "-"
+    query_hash = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{PREFIX}:{user_tag(user_id)}:memsearch:{generation}:{conversation}:{query_hash}"
+
+
+def namespace_pattern(namespace: str) -> str:
+    """SCAN pattern for every key of one namespace."""
+    if namespace == "apikey":
+        return f"{PREFIX}:apikey:*"
+    return f"{PREFIX}:*:{namespace}*"
+
+
+def lock(key: str) -> str:
+    """The loader lock for `key`; same hash tag, so the same slot."""
+    return f"{key}:lock"
+
+
+def namespace_of(key: str) -> str:
+    """`personality`, `prefs`, ... for metrics and logs."""
+    rest = key[len(PREFIX) + 1 :].split(":")
+    if rest and rest[0].startswith("{"):
+        rest = rest[1:]
+    return rest[0] if rest else "unknown"

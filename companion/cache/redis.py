@@ -1,0 +1,161 @@
+"""The Redis cache backend: `redis.asyncio` with hiredis, one connection pool, an explicit `Retry`
+with backoff, timeouts in milliseconds, a health-check interval and a client name. Every call goes
+through a circuit breaker, and any Redis error surfaces as `CacheUnavailable`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from companion.cache.backend import CacheUnavailable
+from companion.cache.breaker import CircuitBreaker
+from companion.cache.keys import PREFIX
+
+T = TypeVar("T")
+
+# KEYS: value key, lock key (same hash tag, same slot). ARGV: value, lock token, ttl in ms.
+_SET_IF_LOCKED = """
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+
+def make_client(
+    url: str,
+    *,
+    socket_timeout_ms: int = 250,
+    connect_timeout_ms: int = 250,
+    retries: int = 1,
+    max_connections: int = 64,
+    health_check_interval: int = 15,
+    client_name: str = "companion",
+) -> aioredis.Redis:
+    """A client for `redis://`, `rediss://` (TLS) and `redis://user:password@` (ACL) URLs."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout_ms / 1000,
+        socket_connect_timeout=connect_timeout_ms / 1000,
+        # A fresh Retry per client: they carry state.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), retries),
+        max_connections=max_connections,
+        health_check_interval=health_check_interval,
+        client_name=client_name,
+    )
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, client: aioredis.Redis, *, breaker: CircuitBreaker | None = None) -> None:
+        self.client = client
+        self.breaker = breaker or CircuitBreaker()
+        self.on_recovery: list[Callable[[], Awaitable[None]]] = []
+        self._set_if_locked = client.register_script(_SET_IF_LOCKED)
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            raise CacheUnavailable("redis circuit open")
+        try:
+            result = await operation()
+        except (RedisError, OSError, TimeoutError) as error:
+            self.breaker.record_failure()
+            raise CacheUnavailable(type(error).__name__) from error
+        if self.breaker.record_success():
+            for callback in self.on_recovery:
+                await callback()
+        return result
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call(lambda: self.client.get(key))  # type: ignore[no-any-return]
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return await self._call(lambda: self.client.mget(list(keys)))  # type: ignore[no-any-return]
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:
+        px = int(ttl_seconds * 1000) if ttl_seconds is not None else None
+        await self._call(lambda: self.client.set(key, value, px=px))
+
+    async def add(self, key: str, value: bytes, ttl_seconds: float) -> bool:
+        result = await self._call(lambda: self.client.set(key, value, px=int(ttl_seconds * 1000), nx=True))
+        return bool(result)
+
+    async def set_if_locked(self, key: str, value: bytes, ttl_seconds: float, lock_key: str, token: str) -> bool:
+        result = await self._call(
+            lambda: self._set_if_locked(keys=[key, lock_key], args=[value, token, int(ttl_seconds * 1000)])
+        )
+        return bool(result)
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        return int(await self._call(lambda: self.client.unlink(*keys)))
+
+    async def expire(self, key: str, ttl_seconds: float) -> bool:
+        return bool(await self._call(lambda: self.client.pexpire(key, int(ttl_seconds * 1000))))
+
+    async def incr(self, key: str) -> int:
+        return int(await self._call(lambda: self.client.incr(key)))
+
+    async def sadd(self, key: str, member: str, ttl_seconds: float | None = None) -> None:
+        async def run() -> Any:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.sadd(key, member)
+                if ttl_seconds is not None:
+                    pipe.pexpire(key, int(ttl_seconds * 1000))
+                return await pipe.execute()
+
+        await self._call(run)
+
+    async def srem(self, key: str, member: str) -> None:
+        await self._call(lambda: self.client.srem(key, member))
+
+    async def smembers(self, key: str) -> set[str]:
+        members = await self._call(lambda: self.client.smembers(key))
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
+    async def delete_matching(self, pattern: str) -> int:
+        """SCAN and UNLINK in batches; refuses patterns outside our prefix (never FLUSHDB)."""
+        if not pattern.startswith(PREFIX + ":"):
+            raise ValueError("refusing to delete outside the companion namespace")
+
+        async def run() -> int:
+            removed = 0
+            batch: list[Any] = []
+            async for key in self.client.scan_iter(match=pattern, count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += await self.client.unlink(*batch)
+                    batch = []
+            if batch:
+                removed += await self.client.unlink(*batch)
+            return removed
+
+        return await self._call(run)
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._call(lambda: self.client.publish(channel, message))
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        await self._call(self.client.ping)
+        return (time.perf_counter() - started) * 1000
+
+    async def info(self) -> dict[str, Any]:
+        stats = await self._call(lambda: self.client.info("stats"))
+        memory = await self._call(lambda: self.client.info("memory"))
+        return {**stats, **memory}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
