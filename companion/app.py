@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from companion import __version__
-from companion.api import conversations, health, openai_compat, personalities, preferences
+from companion.api import conversations, health, metrics, openai_compat, personalities, preferences, sessions
 from companion.api.errors import BodySizeLimit, install_error_handlers
 from companion.config import Settings, load_settings
 from companion.llm.base import LLMProvider
@@ -30,6 +30,7 @@ def create_app(
         try:
             await services.start()
             app.state.services = services
+            app.state.metrics_registry = metrics.build_registry(services)
             yield
         finally:
             await services.aclose()
@@ -43,7 +44,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (health, personalities, preferences, conversations, openai_compat):
+    for module in (health, metrics, personalities, preferences, conversations, sessions, openai_compat):
         app.include_router(module.router)
     logging.getLogger("companion").setLevel(settings.log_level)
     return app

@@ -13,6 +13,7 @@ from companion.cache.breaker import CircuitBreaker
 from companion.cache.invalidation import InvalidationListener
 from companion.cache.local import LocalCache
 from companion.cache.memory import MemoryBackend
+from companion.cache.memory_search import MemorySearchCache
 from companion.cache.redis import RedisBackend, make_client
 from companion.cache.tiered import TieredCache
 from companion.chat.service import ChatLimits, ChatService
@@ -42,6 +43,7 @@ class Services:
     clock: Clock
     cache: TieredCache
     sessions: SessionService
+    memory_search: MemorySearchCache
     redis: RedisBackend | None = None
     listener: InvalidationListener | None = None
 
@@ -124,6 +126,7 @@ class Services:
             clock=clock,
             cache=cache,
             sessions=sessions,
+            memory_search=MemorySearchCache(backend, stats=cache.stats),
             redis=redis_backend,
             listener=listener,
         )

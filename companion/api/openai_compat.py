@@ -102,13 +102,15 @@ async def chat_completions(
     newest = body.messages[-1]
     if newest.role != "user":
         raise InvalidInput("The last message must have role 'user'.", param="messages")
+    # Check the text before choosing the conversation, which may create one: a rejected request stores nothing.
+    content = services.chat.check_message(newest.text())
     conversation = await _conversation_for(
         services, user_id, personality.name, body.conversation_id or x_conversation_id
     )
     turn = await services.chat.begin(
         user_id,
         conversation,
-        newest.text(),
+        content,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
     )

@@ -77,7 +77,7 @@ def lock(key: str) -> str:
 
 def namespace_of(key: str) -> str:
     """`personality`, `prefs`, ... for metrics and logs."""
-    rest = key[len(PREFIX) + 1 :].split(":")
-    if rest and rest[0].startswith("{"):
-        rest = rest[1:]
-    return rest[0] if rest else "unknown"
+    rest = key[len(PREFIX) + 1 :]
+    if rest.startswith("{"):
+        rest = rest[rest.find("}") + 2 :]
+    return rest.split(":", 1)[0] or "unknown"

@@ -1,0 +1,50 @@
+"""GET /metrics: Prometheus text format. Each app has its own registry (no global state), holding
+the cache counters and the Redis degradation state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from companion.services import Services
+
+router = APIRouter(tags=["health"])
+
+
+class _DegradedCollector(Collector):
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        redis = self._services.redis
+        degraded = GaugeMetricFamily(
+            "companion_redis_degraded", "1 while Redis is enabled but unusable (serving from the database)"
+        )
+        circuit_open = redis is not None and redis.breaker.state != "closed"
+        listener = self._services.listener
+        channel_down = listener is not None and not listener.connected.is_set()
+        degraded.add_metric([], 1.0 if (circuit_open or channel_down) else 0.0)
+        yield degraded
+        outages = GaugeMetricFamily("companion_redis_outages", "Times the Redis circuit breaker opened")
+        outages.add_metric([], float(redis.breaker.outages if redis else 0))
+        yield outages
+        pending = GaugeMetricFamily("companion_cache_pending_invalidations", "Invalidations waiting for Redis")
+        pending.add_metric([], float(self._services.cache.pending_invalidations))
+        yield pending
+
+
+def build_registry(services: Services) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(services.cache.stats)
+    registry.register(_DegradedCollector(services))
+    return registry
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

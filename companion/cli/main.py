@@ -1,0 +1,183 @@
+"""The `companion` command: serve the API, manage users and the database, list personalities, and
+chat in the terminal (against a running service, or with everything in-process)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated
+
+import typer
+
+from companion.cli.chat import EmbeddedChat, RemoteChat, run_chat
+from companion.cli.support import (
+    CliFailure,
+    database_backend,
+    fail,
+    reachable_database,
+    run,
+    settings_or_exit,
+    started_services,
+)
+from companion.config import Settings
+from companion.personalities.schemas import PersonalityOut
+from companion.storage import migrate
+from companion.users.service import CreatedUser
+
+# Locals can hold settings and keys: never print them in a traceback.
+app = typer.Typer(
+    help="companion: an AI-companion chat service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+users_app = typer.Typer(help="Manage users and their API keys.", no_args_is_help=True)
+personalities_app = typer.Typer(help="The global personalities.", no_args_is_help=True)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(personalities_app, name="personalities")
+app.add_typer(db_app, name="db")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+) -> None:
+    """Run the HTTP API (settings come from the environment and .env)."""
+    import uvicorn
+
+    from companion.app import create_app
+
+    settings = settings_or_exit()
+    run(_check_database(settings))
+    log_level = settings.log_level.lower()
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    else:
+        # Each worker process builds its own app, so uvicorn needs an import string, not an object.
+        uvicorn.run(
+            "companion.app:create_app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+        )
+
+
+async def _check_database(settings: Settings) -> None:
+    async with reachable_database(settings):
+        pass
+
+
+@users_app.command("create")
+def users_create(
+    name: Annotated[str, typer.Argument(help="The user's name (1-100 characters).")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a user and print their API key (shown this once only)."""
+    settings = settings_or_exit()
+    created = run(_create_user(settings, name))
+    if as_json:
+        typer.echo(json.dumps({"id": str(created.id), "api_key": created.api_key}))
+        return
+    typer.echo(f"Created user {created.name!r} with id {created.id}.")
+    typer.echo(f"API key: {created.api_key}")
+    typer.echo("This key is shown only once and cannot be recovered: store it now.")
+
+
+async def _create_user(settings: Settings, name: str) -> CreatedUser:
+    async with started_services(settings) as services:
+        try:
+            return await services.users.create(name)
+        except ValueError as error:
+            raise CliFailure(str(error), code=2) from None
+
+
+@personalities_app.command("list")
+def personalities_list(as_json: JsonFlag = False) -> None:
+    """List the global personalities every user can chat with."""
+    settings = settings_or_exit()
+    personalities = run(_global_personalities(settings))
+    rows = [{"name": p.name, "display_name": p.display_name, "description": p.description} for p in personalities]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    headers = {"name": "NAME", "display_name": "DISPLAY NAME", "description": "DESCRIPTION"}
+    name_width = max(len(r["name"]) for r in [headers, *rows])
+    display_width = max(len(r["display_name"]) for r in [headers, *rows])
+    for row in [headers, *rows]:
+        typer.echo(f"{row['name']:<{name_width}}  {row['display_name']:<{display_width}}  {row['description']}")
+
+
+async def _global_personalities(settings: Settings) -> list[PersonalityOut]:
+    async with started_services(settings) as services:
+        return await services.personalities.list_global()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the database schema up to date."""
+    settings = settings_or_exit()
+    revision = run(_upgrade(settings))
+    head = " (head)" if revision == migrate.head_revision() else ""
+    typer.echo(f"The {database_backend(settings)} database is at revision {revision}{head}.")
+
+
+async def _upgrade(settings: Settings) -> str | None:
+    async with reachable_database(settings) as database:
+        await migrate.upgrade(database)
+        return await migrate.current_revision(database)
+
+
+@app.command()
+def chat(
+    personality: Annotated[str, typer.Option("--personality", "-p", help="Who to chat with.")] = "elara",
+    url: Annotated[
+        str | None,
+        typer.Option(envvar="COMPANION_URL", help="A running service; without it, chat runs in-process."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="COMPANION_API_KEY", show_default=False, help="Your key, with --url."),
+    ] = None,
+    conversation: Annotated[str | None, typer.Option("--conversation", help="Continue this conversation id.")] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new conversation.")] = False,
+) -> None:
+    """Chat in the terminal. Replies stream as they are written; Ctrl-C stops a reply, /new starts a
+    new conversation, /quit (or Ctrl-D) leaves."""
+    if conversation is not None and new:
+        fail("use either --conversation or --new, not both.", 2)
+    conversation_id = _conversation_id(conversation)
+    if url:
+        if not api_key:
+            fail(
+                "chatting with a service needs an API key: pass --api-key or set COMPANION_API_KEY "
+                "(create one with `companion users create NAME`).",
+                2,
+            )
+        backend: RemoteChat | EmbeddedChat = RemoteChat(url, api_key)
+    else:
+        backend = EmbeddedChat(settings_or_exit())
+    raise typer.Exit(run_chat(backend, personality, conversation_id=conversation_id, new=new))
+
+
+def _conversation_id(value: str | None) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        fail(f"--conversation must be a conversation id (a UUID), not {value!r}.", 2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
