@@ -69,6 +69,9 @@ class OpenAICompatibleProvider:
             raise ProviderError(f"The LLM server answered HTTP {error.status_code}.") from error
         except openai.OpenAIError as error:
             raise ProviderError("The LLM server sent an error mid-reply.") from error
+        except ValueError as error:
+            # Not the OpenAI streaming format (e.g. an event that is not JSON): still the upstream's fault.
+            raise ProviderError("The LLM server sent a malformed reply.") from error
         yield Chunk(usage=usage or Usage(0, completion_tokens), finish_reason=finish_reason or "stop")
 
     def health(self) -> dict[str, Any]:
