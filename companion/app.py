@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from companion import __version__
 from companion.api import conversations, health, metrics, openai_compat, personalities, preferences, sessions
 from companion.api.errors import BodySizeLimit, install_error_handlers
+from companion.api.ratelimit import RateLimitMiddleware
 from companion.config import Settings, load_settings
 from companion.llm.base import LLMProvider
 from companion.services import Services
@@ -44,6 +45,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RateLimitMiddleware)
     for module in (health, metrics, personalities, preferences, conversations, sessions, openai_compat):
         app.include_router(module.router)
     logging.getLogger("companion").setLevel(settings.log_level)

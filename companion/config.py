@@ -48,6 +48,23 @@ class Settings(BaseSettings):
     cache_local_max_entries: int = Field(default=10_000, ge=1)
     session_ttl_seconds: float = Field(default=12 * 3600, gt=0)
 
+    rate_limit_enabled: bool = True
+    rate_limit_requests_per_minute: int = Field(default=30, ge=1, le=1_000_000)
+    rate_limit_ip_requests_per_minute: int = Field(default=120, ge=1, le=1_000_000)
+    rate_limit_auth_failures_per_minute: int = Field(default=10, ge=1, le=1_000_000)
+    # JSON, e.g. {"POST /v1/chat/completions": 10}: per-user requests per minute for one route.
+    rate_limit_route_overrides: dict[str, int] = Field(default_factory=dict)
+    rate_limit_fail_closed: bool = False
+    # Behind a reverse proxy, take the client address from X-Forwarded-For (only then!).
+    trust_forwarded_for: bool = False
+    token_quota_daily: int = Field(default=0, ge=0, description="0: unlimited")
+    token_quota_monthly: int = Field(default=0, ge=0, description="0: unlimited")
+
+    conversation_buffer_ttl_seconds: float = Field(default=3600, gt=0)
+    turn_wait_seconds: float = Field(default=30, gt=0, le=600)
+    summary_mode: Literal["auto", "extractive", "llm"] = "auto"
+    summary_batch: int = Field(default=4, ge=1, le=1000)
+
     llm_provider: Literal["local", "openai", "scripted"] = "local"
     llm_base_url: str | None = None
     llm_api_key: SecretStr | None = None
@@ -73,6 +90,15 @@ class Settings(BaseSettings):
         if value is not None and value != "" and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value or None
+
+    @field_validator("rate_limit_route_overrides")
+    @classmethod
+    def _routes_well_formed(cls, value: dict[str, int]) -> dict[str, int]:
+        for route, per_minute in value.items():
+            method, _, path = route.partition(" ")
+            if method not in {"GET", "POST", "PUT", "PATCH", "DELETE"} or not path.startswith("/") or per_minute < 1:
+                raise ValueError('entries look like {"POST /v1/chat/completions": 10}')
+        return value
 
     @field_validator("llm_api_key")
     @classmethod

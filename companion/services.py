@@ -23,6 +23,9 @@ from companion.llm.base import LLMProvider
 from companion.llm.factory import build_provider
 from companion.personalities.cached import CachedPersonalityService
 from companion.preferences.cached import CachedPreferenceService
+from companion.ratelimit.limiter import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from companion.ratelimit.policy import RateLimitService
+from companion.ratelimit.quotas import TokenQuotas
 from companion.sessions.service import SessionService
 from companion.storage import migrate
 from companion.storage.database import Database
@@ -44,6 +47,8 @@ class Services:
     cache: TieredCache
     sessions: SessionService
     memory_search: MemorySearchCache
+    rate_limits: RateLimitService
+    quotas: TokenQuotas
     redis: RedisBackend | None = None
     listener: InvalidationListener | None = None
 
@@ -83,6 +88,29 @@ class Services:
             backend = MemoryBackend(max_entries=max(settings.cache_local_max_entries * 10, 10_000))
             cache = TieredCache(backend, local=local)
             sessions = SessionService(backend, ttl_seconds=settings.session_ttl_seconds, clock=clock)
+        limiter: RateLimiter
+        if redis_backend is not None:
+            limiter, limiter_fallback = RedisRateLimiter(redis_backend), MemoryRateLimiter()
+        else:
+            limiter, limiter_fallback = MemoryRateLimiter(), None
+        rate_limits = RateLimitService(
+            limiter,
+            fallback=limiter_fallback,
+            per_user_per_minute=settings.rate_limit_requests_per_minute,
+            per_ip_per_minute=settings.rate_limit_ip_requests_per_minute,
+            auth_failures_per_minute=settings.rate_limit_auth_failures_per_minute,
+            route_overrides=settings.rate_limit_route_overrides,
+            fail_closed=settings.rate_limit_fail_closed,
+            enabled=settings.rate_limit_enabled,
+        )
+        quotas = TokenQuotas(
+            database,
+            backend,
+            daily=settings.token_quota_daily,
+            monthly=settings.token_quota_monthly,
+            fallback=MemoryBackend() if redis_backend is not None else None,
+            clock=clock,
+        )
         conversations = ConversationService(database, clock)
         personalities = CachedPersonalityService(
             database,
@@ -127,6 +155,8 @@ class Services:
             cache=cache,
             sessions=sessions,
             memory_search=MemorySearchCache(backend, stats=cache.stats),
+            rate_limits=rate_limits,
+            quotas=quotas,
             redis=redis_backend,
             listener=listener,
         )

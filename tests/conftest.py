@@ -94,6 +94,8 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: object) -> Set
         "auto_migrate": False,
         "environment": "test",
         "redis_enabled": False,
+        # Tests make many requests from one address; the rate-limit tests turn limits on themselves.
+        "rate_limit_enabled": False,
     }
     values.update(overrides)
     return load_settings(**values)

@@ -1,4 +1,5 @@
-"""Typed dependencies shared by the routers: the service container and the authenticated user."""
+"""Typed dependencies shared by the routers: the service container, and the authenticated user
+(which also spends the user's rate limit for the route)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,15 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def current_user(
-    services: ServicesDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> uuid.UUID:
+def client_ip(request: Request, services: Services) -> str:
+    if services.settings.trust_forwarded_for:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()[:64]
+    return request.client.host if request.client else "unknown"
+
+
+async def _authenticate(services: Services, credentials: HTTPAuthorizationCredentials | None) -> uuid.UUID:
     if credentials is None:
         raise Unauthorized("Missing API key: send `Authorization: Bearer <api key>`.", code="missing_api_key")
     token = credentials.credentials
@@ -37,6 +43,26 @@ async def current_user(
             raise Unauthorized("Your session has expired or was revoked; sign in again.", code="invalid_session")
         return session.user_id
     return await services.users.authenticate(token)
+
+
+async def current_user(
+    request: Request,
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> uuid.UUID:
+    limits = services.rate_limits
+    try:
+        user_id = await _authenticate(services, credentials)
+    except Unauthorized:
+        if limits.enabled:
+            await limits.auth_failed(client_ip(request, services))  # 429 once an address fails too often
+        raise
+    if limits.enabled:
+        route = request.scope.get("route")
+        template = getattr(route, "path", request.url.path)
+        decision = await limits.check_user(str(user_id), f"{request.method} {template}")
+        request.state.rate_limit = decision  # RateLimit headers on the way out (api/ratelimit.py)
+    return user_id
 
 
 UserIdDep = Annotated[uuid.UUID, Depends(current_user)]

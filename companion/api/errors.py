@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from companion.errors import CompanionError, ServiceUnavailable, error_body
+from companion.ratelimit.policy import RateLimited
 from companion.storage.database import UNAVAILABLE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
         if error.status_code == 503:
             headers = {"Retry-After": "5"}
+        if isinstance(error, RateLimited):
+            headers = error.headers()
         return _json(error.status_code, error.to_body(), headers)
 
     @app.exception_handler(RequestValidationError)
@@ -85,19 +88,33 @@ class BodySizeLimit:
                     await self._reject(scope, receive, send)
                     return
         received = 0
+        too_large = False
+        response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise _TooLarge
             return message
 
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            # The framework may catch _TooLarge itself (FastAPI turns any body-reading failure into
+            # a 400); whatever it answers to a body it could not read is replaced by our 413.
+            if too_large and not response_started:
+                return
+            response_started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
+            pass
+        if too_large and not response_started:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
