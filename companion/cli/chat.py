@@ -93,6 +93,7 @@ def run_chat(
             except KeyboardInterrupt:
                 return 130
             _announce(conversation, existed)
+            print(HELP, flush=True)
             while True:
                 try:
                     line = input("you> ").strip()
@@ -114,14 +115,14 @@ def run_chat(
                 except ChatFailure as failure:
                     _error(failure)
                 except KeyboardInterrupt:
-                    print("\n(reply stopped; what was written so far is kept)", flush=True)
+                    print("(reply stopped; what was written so far is kept)", flush=True)
         finally:
             runner.run(backend.aclose())
 
 
 def _announce(conversation: Conversation, existed: bool) -> None:
     state = "continuing conversation" if existed else "new conversation"
-    print(f"Chatting with {conversation.personality} ({state} {conversation.id}). {HELP}", flush=True)
+    print(f"Chatting with {conversation.personality} ({state} {conversation.id}).", flush=True)
 
 
 def _error(failure: ChatFailure) -> None:
@@ -185,16 +186,15 @@ class RemoteChat:
                 if response.status_code != 200:
                     await response.aread()
                     raise ChatFailure(self._describe(response))
-                async for event, data in _sse_events(response):
-                    if event == "token":
-                        yield data["text"]
-                    elif event == "done":
-                        return
-                    elif event == "error":
-                        error = data.get("error", {})
-                        raise ChatFailure(
-                            f"{error.get('message', 'the reply failed')} (what arrived is kept); try again."
-                        )
+                async with aclosing(_sse_events(response)) as events:
+                    async for event, data in events:
+                        if event == "token":
+                            yield data["text"]
+                        elif event == "done":
+                            return
+                        elif event == "error":
+                            message = data.get("error", {}).get("message", "the reply failed")
+                            raise ChatFailure(f"{message} (what arrived is kept); try again.")
         except httpx.TransportError as error:
             raise ChatFailure(self._transport_message(error, mid_reply=True)) from None
         raise ChatFailure("The reply ended before it was complete; try again.")
@@ -236,8 +236,10 @@ class RemoteChat:
         except (ValueError, KeyError, TypeError):
             return f"{self._shown_url} answered HTTP {response.status_code}; check --url points at companion."
         if response.status_code == 401:
+            # The service's own hint is right, but says nothing about where the CLI takes the key from.
             return (
-                f"{message} Pass the key printed by `companion users create NAME` with --api-key or COMPANION_API_KEY."
+                "the service rejected the API key. Pass the key printed by `companion users create NAME` "
+                "with --api-key or COMPANION_API_KEY."
             )
         return cli_message(code, message)
 
@@ -249,7 +251,7 @@ def _conversation(data: Any) -> Conversation:
         raise ChatFailure("the service answered with an unexpected conversation; check --url.") from None
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, Any]]:
+async def _sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str | None, Any], None]:
     """Parse Server-Sent Events as they arrive: (event name, decoded JSON data)."""
     event: str | None = None
     data: list[str] = []
@@ -257,9 +259,10 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | Non
         if line == "":
             if data:
                 try:
-                    yield event, json.loads("\n".join(data))
+                    payload = json.loads("\n".join(data))
                 except ValueError:
                     raise ChatFailure("the service sent an unreadable event; check --url.") from None
+                yield event, payload
             event, data = None, []
         elif line.startswith("event:"):
             event = line[6:].strip()

@@ -148,8 +148,11 @@ def chat(
     conversation: Annotated[str | None, typer.Option("--conversation", help="Continue this conversation id.")] = None,
     new: Annotated[bool, typer.Option("--new", help="Start a new conversation.")] = False,
 ) -> None:
-    """Chat in the terminal. Replies stream as they are written; Ctrl-C stops a reply, /new starts a
-    new conversation, /quit (or Ctrl-D) leaves."""
+    """Chat in the terminal, with a running service (--url) or in-process.
+
+    Replies stream as they are written. Ctrl-C stops a reply, /new starts a new conversation,
+    /quit (or Ctrl-D) leaves.
+    """
     if conversation is not None and new:
         fail("use either --conversation or --new, not both.", 2)
     conversation_id = _conversation_id(conversation)
