@@ -32,9 +32,18 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# SQLSTATE classes that mean "cannot use this server now": connection exceptions, a missing
+# database or role, failed authentication, server shutting down or out of resources.
+_UNAVAILABLE_SQLSTATES = ("08", "3D000", "28", "57P", "53")
+
+
 def _is_unavailable(error: BaseException) -> bool:
-    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
-        return True
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
     return isinstance(error, UNAVAILABLE_ERRORS)
 
 

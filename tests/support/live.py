@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: in tests the server is a task in pytest's loop, and
+    restoring "previous" handlers could leave a finished loop's Ctrl-C handler installed."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class LiveServer:
@@ -23,7 +33,7 @@ class LiveServer:
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, lifespan="on", log_level="warning", ws="none", access_log=False)
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
