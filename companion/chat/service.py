@@ -9,6 +9,8 @@ text marked `incomplete`; a provider failure mid-reply leaves what was generated
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -83,6 +85,11 @@ class _Reply:
     finish_reason: str = "stop"
     saved_chars: int = 0
     last_flush: float = 0.0
+    # Saving happens from the turn's task and, while the model stalls, from a background flusher.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    flusher: asyncio.Task[None] | None = None
 
     @property
     def text(self) -> str:
@@ -207,14 +214,46 @@ class ChatService:
             reply.message_id = message.id
             reply.saved_chars = len(reply.text)
             reply.last_flush = time.monotonic()
+            reply.flusher = asyncio.create_task(self._flush_while_stalled(reply))
             return
-        now = time.monotonic()
-        if now - reply.last_flush >= self.limits.flush_interval_seconds:
-            await self._conversations.update_message(reply.message_id, reply.text, status="streaming")
-            reply.saved_chars = len(reply.text)
-            reply.last_flush = now
+        if time.monotonic() - reply.last_flush >= self.limits.flush_interval_seconds:
+            await self._flush(reply)
+
+    async def _flush(self, reply: _Reply) -> None:
+        """Save the text generated so far as `streaming`, unless it is saved already or settled."""
+        async with reply.lock:
+            if reply.closed or reply.message_id is None or reply.saved_chars == len(reply.text):
+                return
+            text = reply.text
+            reply.last_flush = time.monotonic()  # before the write: a failing write waits one interval
+            await self._conversations.update_message(reply.message_id, text, status="streaming")
+            reply.saved_chars = len(text)
+
+    async def _flush_while_stalled(self, reply: _Reply) -> None:
+        """Tokens are saved as they arrive, but a model can stall after a burst: save what the user
+        has already seen once the flush interval has passed, whether or not another token comes."""
+        interval = self.limits.flush_interval_seconds
+        while not reply.closed:
+            pending = reply.saved_chars < len(reply.text)
+            delay = max(reply.last_flush + interval - time.monotonic(), 0.0) if pending else interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await reply.stopped.wait()
+            try:
+                await self._flush(reply)
+            except Exception:
+                logger.warning("could not save the progress of reply %s", reply.message_id, exc_info=True)
+
+    async def _stop_flushing(self, reply: _Reply) -> None:
+        """Stop the background flusher and wait for a write it has in flight, so that the final
+        state is always the last write."""
+        reply.closed = True
+        reply.stopped.set()
+        if reply.flusher is not None:
+            await asyncio.wait({reply.flusher})
 
     async def _settle(self, turn: Turn, reply: _Reply, status: str) -> None:
+        await self._stop_flushing(reply)
         if reply.message_id is None:
             return
         usage = reply.usage or Usage(0, len(reply.parts))

@@ -75,7 +75,8 @@ class Database:
                 max_overflow=pool_size,
                 pool_timeout=connect_timeout,
                 pool_pre_ping=True,
-                connect_args={"timeout": connect_timeout, "command_timeout": 30},
+                # A server that accepts but never answers must not hold a request for long.
+                connect_args={"timeout": connect_timeout, "command_timeout": max(connect_timeout * 3, 5.0)},
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
