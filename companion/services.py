@@ -16,9 +16,13 @@ from companion.cache.memory import MemoryBackend
 from companion.cache.memory_search import MemorySearchCache
 from companion.cache.redis import RedisBackend, make_client
 from companion.cache.tiered import TieredCache
+from companion.chat.context import ContextAssembler
 from companion.chat.service import ChatLimits, ChatService
+from companion.chat.summary import Summarizer
 from companion.config import Settings
+from companion.conversations.buffer import ConversationBuffer, MemoryConversationBuffer, RedisConversationBuffer
 from companion.conversations.service import ConversationService
+from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
 from companion.llm.base import LLMProvider
 from companion.llm.factory import build_provider
 from companion.personalities.cached import CachedPersonalityService
@@ -47,6 +51,8 @@ class Services:
     cache: TieredCache
     sessions: SessionService
     memory_search: MemorySearchCache
+    summarizer: Summarizer
+    buffer: ConversationBuffer
     rate_limits: RateLimitService
     quotas: TokenQuotas
     redis: RedisBackend | None = None
@@ -127,11 +133,47 @@ class Services:
             ttl=settings.cache_preferences_ttl_seconds,
             local_ttl=settings.cache_local_ttl_seconds,
         )
-        chat = ChatService(
+        buffer: ConversationBuffer
+        turns: TurnLock
+        if redis_backend is not None:
+            buffer = RedisConversationBuffer(
+                redis_backend,
+                max_messages=settings.short_term_memory_size,
+                ttl_seconds=settings.conversation_buffer_ttl_seconds,
+            )
+            turns = RedisTurnLock(redis_backend, wait_seconds=settings.turn_wait_seconds)
+        else:
+            buffer = MemoryConversationBuffer(
+                max_messages=settings.short_term_memory_size, ttl_seconds=settings.conversation_buffer_ttl_seconds
+            )
+            turns = LocalTurnLock(wait_seconds=settings.turn_wait_seconds)
+        summary_mode = settings.summary_mode
+        if summary_mode == "auto":
+            summary_mode = "llm" if settings.llm_provider == "openai" else "extractive"
+        summarizer = Summarizer(
+            database,
+            cache,
+            provider=provider,
+            mode=summary_mode,
+            window=settings.short_term_memory_size,
+            batch=settings.summary_batch,
+            clock=clock,
+        )
+        context = ContextAssembler(
             conversations=conversations,
             personalities=personalities,
             preferences=preferences,
+            buffer=buffer,
+            summarizer=summarizer,
+            cache=cache,
+            window=settings.short_term_memory_size,
+        )
+        chat = ChatService(
+            conversations=conversations,
+            context=context,
             provider=provider,
+            turns=turns,
+            quotas=quotas,
             limits=ChatLimits(
                 short_term_memory_size=settings.short_term_memory_size,
                 max_message_chars=settings.max_message_chars,
@@ -157,6 +199,8 @@ class Services:
             memory_search=MemorySearchCache(backend, stats=cache.stats),
             rate_limits=rate_limits,
             quotas=quotas,
+            summarizer=summarizer,
+            buffer=buffer,
             redis=redis_backend,
             listener=listener,
         )
@@ -174,6 +218,7 @@ class Services:
             await self.provider.start()
 
     async def aclose(self) -> None:
+        await self.summarizer.wait_idle()
         if self.listener is not None:
             await self.listener.aclose()
         await self.cache.backend.aclose()

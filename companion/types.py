@@ -17,7 +17,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 # Tab, newline and carriage return are text; every other control or format-breaking code point is not.
 _ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 
@@ -49,7 +49,8 @@ def _not_blank(value: str) -> str:
 
 
 def is_valid_name(value: str) -> bool:
-    return bool(_NAME_RE.match(value))
+    # fullmatch: `$` would also match before a trailing newline, letting "elara\n" through.
+    return bool(_NAME_RE.fullmatch(value))
 
 
 def _name(value: str) -> str:

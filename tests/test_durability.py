@@ -381,21 +381,23 @@ async def test_replies_left_streaming_by_a_crash_are_recovered_at_start(settings
 
 
 async def test_concurrent_turns_all_succeed_and_are_stored_once(client: httpx.AsyncClient, provider: ScriptedProvider):
-    """Ten turns on ten conversations of one user, plus a second turn on one of them, all in flight
-    at once (on SQLite: one writer at a time, WAL and BEGIN IMMEDIATE must make them wait, not fail)."""
+    """Ten turns on ten conversations of one user all in flight at once (on SQLite: one writer at a
+    time, WAL and BEGIN IMMEDIATE must make them wait, not fail), plus a second message to one of
+    them, which waits for that conversation's reply to finish and then sees it in its prompt."""
     conversations = [(await create_conversation(client))["id"] for _ in range(10)]
     shared = conversations[0]
     turns = [(conversation_id, f"Hello from turn {index}") for index, conversation_id in enumerate(conversations)]
-    turns.append((shared, "A second message in the same conversation"))
     gate = asyncio.Semaphore(0)
-    replies = [f"Reply {index} for you" for index in range(len(turns))]  # four tokens each
+    replies = [f"Reply {index} for you" for index in range(len(turns) + 1)]  # four tokens each
     provider.queue(*(ScriptedReply(text, gate=gate) for text in replies))
 
     tasks = [asyncio.create_task(chat_stream(client, cid, content)) for cid, content in turns]
     try:
         # Every turn has stored its message and is generating: they really overlap.
         await wait_for(lambda: len(provider.prompts) == len(turns), timeout=DEADLINE, what="every turn to start")
-        release(gate, 4 * len(turns))
+        follow_up = asyncio.create_task(chat_stream(client, shared, "A second message in the same conversation"))
+        tasks.append(follow_up)
+        release(gate, 4 * (len(turns) + 1))
         async with asyncio.timeout(DEADLINE):
             results = await asyncio.gather(*tasks)
     finally:
@@ -405,10 +407,13 @@ async def test_concurrent_turns_all_succeed_and_are_stored_once(client: httpx.As
     for events in results:
         assert [e.event for e in events] == ["message", "token", "token", "token", "token", "done"], events
     assert sorted(events[-1].json()["content"] for events in results) == sorted(replies)
-    for (_, content), prompt in zip(
-        sorted(turns, key=lambda t: t[1]), sorted(provider.prompts, key=lambda p: p[-1].content), strict=True
-    ):
-        assert (prompt[-1].role, prompt[-1].content) == ("user", content)
+    first_shared_reply = results[0][-1].json()["content"]
+    follow_up_prompt = provider.prompts[-1]
+    assert [(m.role, m.content) for m in follow_up_prompt[1:]] == [
+        ("user", "Hello from turn 0"),
+        ("assistant", first_shared_reply),
+        ("user", "A second message in the same conversation"),
+    ]
 
     stored: list[tuple[str, str, str]] = []
     for conversation_id in conversations:
@@ -416,5 +421,6 @@ async def test_concurrent_turns_all_succeed_and_are_stored_once(client: httpx.As
         assert len(messages) == (4 if conversation_id == shared else 2)
         stored += [(m["role"], m["content"], m["status"]) for m in messages]
     expected = [("user", content, "complete") for _, content in turns]
+    expected += [("user", "A second message in the same conversation", "complete")]
     expected += [("assistant", reply, "complete") for reply in replies]
     assert sorted(stored) == sorted(expected)

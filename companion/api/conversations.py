@@ -24,6 +24,8 @@ from companion.services import Services
 from companion.types import is_valid_name
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+# Message ids are 64-bit signed integers on every backend; a bigger cursor must be a 422, not an overflow.
+MAX_MESSAGE_ID = 2**63 - 1
 
 STREAM_DESCRIPTION = """The reply streams as Server-Sent Events:
 
@@ -75,8 +77,12 @@ async def list_messages(
     user_id: UserIdDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="Only messages older than this id.")] = None,
-    after: Annotated[int | None, Query(ge=0, description="Only messages newer than this id.")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_MESSAGE_ID, description="Only messages older than this id.")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_MESSAGE_ID, description="Only messages newer than this id.")
+    ] = None,
 ) -> MessagePage:
     data, has_more = await services.conversations.list_messages(
         user_id, conversation_id, limit=limit, before=before, after=after

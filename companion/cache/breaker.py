@@ -45,12 +45,18 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> bool:
-        """Returns True when this success closed an open circuit (Redis is back)."""
-        recovered = self._opened_at is not None
+        """Returns True when this success ends a run of failures (Redis is back), whether or not
+        they were enough to open the circuit: what failed meanwhile can be redone now."""
+        recovered = self._opened_at is not None or self._failures > 0
         self._failures = 0
         self._opened_at = None
         self._trial_running = False
         return recovered
+
+    def abandon(self) -> None:
+        """A call ended without telling whether Redis works (e.g. it was cancelled): if it was the
+        half-open trial, let the next call be the trial instead."""
+        self._trial_running = False
 
     def record_failure(self) -> None:
         self._failures += 1

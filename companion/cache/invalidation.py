@@ -1,7 +1,8 @@
 """The invalidation listener: a Redis pub/sub subscription that tells this instance's L1 what
 other instances changed. While it is down, L1 is cleared and bypassed; when it comes back, L1 is
 cleared once more (anything may have changed meanwhile) and re-enabled, and invalidations this
-instance could not publish are replayed."""
+instance could not publish are replayed, together with a drop of every cached namespace in Redis,
+which may still hold entries other instances could not delete during the outage."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class InvalidationListener:
         self._cache = cache
         self._retry_seconds = retry_seconds
         self._max_retry_seconds = max_retry_seconds
+        self._confirm_seconds = 5.0
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -36,9 +38,13 @@ class InvalidationListener:
     async def _run(self) -> None:
         delay = self._retry_seconds
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(keys.INVALIDATION_CHANNEL)
+                # SUBSCRIBE has only been sent: until Redis confirms it, a publish reaches no one.
+                async with asyncio.timeout(self._confirm_seconds):
+                    while (message := await pubsub.get_message(timeout=1.0)) is None or message["type"] != "subscribe":
+                        pass
                 # Subscribed: anything published from now on reaches us, so L1 can be trusted again.
                 self._cache.local.clear()
                 self._cache.local.enabled = True
@@ -48,8 +54,17 @@ class InvalidationListener:
                 await self._cache.replay_pending()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
                         self._cache.on_message(message["data"])
+                    elif message["type"] == "subscribe":
+                        # redis-py lost the connection and resubscribed by itself: whatever was
+                        # published in between never reached us.
+                        logger.warning("cache invalidation channel reconnected; L1 cleared")
+                        self._cache.local.clear()
+                        self._cache.distrust_backend()
+                        await self._cache.replay_pending()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as error:
@@ -71,6 +86,8 @@ class InvalidationListener:
         self.connected.clear()
         self._cache.local.enabled = False
         self._cache.local.clear()
+        # Redis may come back with entries other instances could not delete meanwhile.
+        self._cache.distrust_backend()
 
     async def aclose(self) -> None:
         if self._task is not None:

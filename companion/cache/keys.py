@@ -15,11 +15,11 @@ import uuid
 
 PREFIX = "companion:v1"
 INVALIDATION_CHANNEL = f"{PREFIX}:invalidate"
-_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole value: fullmatch, since `$` also matches before "\n"
 
 
 def part(value: str) -> str:
-    if _SAFE.match(value):
+    if _SAFE.fullmatch(value):
         return value
     return "h." + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
@@ -68,6 +68,31 @@ def namespace_pattern(namespace: str) -> str:
     if namespace == "apikey":
         return f"{PREFIX}:apikey:*"
     return f"{PREFIX}:*:{namespace}*"
+
+
+def rate_limit(policy: str, subject: str) -> str:
+    """A GCRA key. `subject` is a user id or a client IP; tagged by subject so a user's keys share a slot."""
+    return f"{PREFIX}:{{r:{part(subject)}}}:rl:{part(policy)}"
+
+
+def token_quota(user_id: uuid.UUID, window: str, label: str) -> str:
+    return f"{PREFIX}:{user_tag(user_id)}:quota:{part(window)}:{part(label)}"
+
+
+def conversation_tag(conversation_id: uuid.UUID) -> str:
+    return f"{{c:{conversation_id.hex}}}"
+
+
+def conversation_buffer(conversation_id: uuid.UUID) -> str:
+    return f"{PREFIX}:{conversation_tag(conversation_id)}:buffer"
+
+
+def conversation_summary(conversation_id: uuid.UUID) -> str:
+    return f"{PREFIX}:{conversation_tag(conversation_id)}:summary"
+
+
+def conversation_lock(conversation_id: uuid.UUID) -> str:
+    return f"{PREFIX}:{conversation_tag(conversation_id)}:turn"
 
 
 def lock(key: str) -> str:

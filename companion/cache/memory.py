@@ -8,6 +8,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from companion.cache.keys import PREFIX
+
 Monotonic = Callable[[], float]
 
 
@@ -105,6 +107,9 @@ class MemoryBackend:
         return set(value) if isinstance(value, set) else set()
 
     async def delete_matching(self, pattern: str) -> int:
+        # The same refusal as RedisBackend, so code tried on this backend cannot surprise on Redis.
+        if not pattern.startswith(PREFIX + ":"):
+            raise ValueError("refusing to delete outside the companion namespace")
         doomed = [key for key in list(self._data) if fnmatch.fnmatchcase(key, pattern)]
         for key in doomed:
             del self._data[key]

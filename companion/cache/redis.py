@@ -62,6 +62,10 @@ class RedisBackend:
         self.on_recovery: list[Callable[[], Awaitable[None]]] = []
         self._set_if_locked = client.register_script(_SET_IF_LOCKED)
 
+    async def run(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation through the breaker; any failure becomes CacheUnavailable."""
+        return await self._call(operation)
+
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
             raise CacheUnavailable("redis circuit open")
@@ -70,6 +74,11 @@ class RedisBackend:
         except (RedisError, OSError, TimeoutError) as error:
             self.breaker.record_failure()
             raise CacheUnavailable(type(error).__name__) from error
+        except BaseException:
+            # Cancelled (a client hung up) or a bug: says nothing about Redis, but must not leave a
+            # half-open trial pending forever, or no call would ever be admitted again.
+            self.breaker.abandon()
+            raise
         if self.breaker.record_success():
             for callback in self.on_recovery:
                 await callback()

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
@@ -60,8 +60,10 @@ class TieredCache:
         poll_seconds: float = 0.01,
     ) -> None:
         self.backend = backend
-        self.local = local or LocalCache()
-        self.stats = stats or CacheStats()
+        # `is None`, not `or`: an empty LocalCache is falsy (it has __len__), and the one passed in
+        # (its size bound, its clock) must be the one used.
+        self.local = local if local is not None else LocalCache()
+        self.stats = stats if stats is not None else CacheStats()
         self.instance_id = instance_id or uuid.uuid4().hex
         self.lock_seconds = lock_seconds
         self.wait_for_loader_seconds = wait_for_loader_seconds
@@ -70,6 +72,8 @@ class TieredCache:
         self._pending: set[str] = set()
         self._pending_patterns: set[str] = set()
         self._flush_all_pending = False
+        self._replaying = asyncio.Lock()  # one replay at a time: it may SCAN the whole keyspace
+        self._replayer: asyncio.Task[Any] | None = None
 
     async def get_or_load(
         self,
@@ -95,7 +99,14 @@ class TieredCache:
                 return None if value is ABSENT else value  # type: ignore[no-any-return]
         inflight = self._inflight.get(key)
         if inflight is not None:
-            return await asyncio.shield(inflight)  # type: ignore[no-any-return]
+            try:
+                return await asyncio.shield(inflight)  # type: ignore[no-any-return]
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not inflight.cancelled() or (task is not None and task.cancelling()):
+                    raise
+            # The caller whose load we joined was cancelled (e.g. its client hung up), not us.
+            return await self.get_or_load(key, loader, codec, ttl=ttl, local_ttl=local_ttl, miss_ttl=miss_ttl)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -110,7 +121,8 @@ class TieredCache:
         else:
             future.set_result(result)
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is future:  # an invalidation may have detached it already
+                del self._inflight[key]
             stats.observe(time.perf_counter() - started)
         return result
 
@@ -124,14 +136,29 @@ class TieredCache:
         miss_ttl: float | None,
     ) -> T | None:
         stats = self.stats[keys.namespace_of(key)]
+        if self.pending_invalidations:
+            # Redis may be back: apply what could not reach it first, or this very read could
+            # return a value whose invalidation is still waiting here.
+            await self.replay_pending()
         epoch = self.local.epoch(key)
         token: str | None = None
         backend_ok = True
         try:
+            if self.pending_invalidations:
+                # Still not applied (Redis unreachable, or back only just now): what it holds may be
+                # exactly what they are meant to remove, so neither read it nor write to it.
+                raise CacheUnavailable("invalidations pending")
             data = await self.backend.get(key)
             if data is None:
                 token = uuid.uuid4().hex
-                if not await self.backend.add(keys.lock(key), token.encode(), self.lock_seconds):
+                if await self.backend.add(keys.lock(key), token.encode(), self.lock_seconds):
+                    # Another instance's load may have finished (and released the lock) between
+                    # our read and our lock: then its value is there, and loading again is waste.
+                    data = await self.backend.get(key)
+                    if data is not None:
+                        await self._release(key, token)
+                        token = None
+                else:
                     token = None
                     data = await self._wait_for_other_loader(key)
             if data is not None:
@@ -200,24 +227,38 @@ class TieredCache:
         """Drop keys everywhere: this L1, the shared backend, every other instance's L1."""
         for key in cache_keys:
             self.local.invalidate(key)
+            # A load that began before this write may have read the old value: later callers must
+            # not join it.
+            self._inflight.pop(key, None)
         try:
-            await self.backend.delete(*cache_keys, *(keys.lock(k) for k in cache_keys))
-            await self.backend.publish(
-                keys.INVALIDATION_CHANNEL, orjson.dumps({"o": self.instance_id, "k": list(cache_keys)})
-            )
+            await self._drop(cache_keys)
         except CacheUnavailable:
             self._remember_pending(keys=cache_keys)
+
+    async def _drop(self, cache_keys: Collection[str]) -> None:
+        await self.backend.delete(*cache_keys, *(keys.lock(k) for k in cache_keys))
+        await self.backend.publish(
+            keys.INVALIDATION_CHANNEL, orjson.dumps({"o": self.instance_id, "k": list(cache_keys)})
+        )
 
     async def invalidate_matching(self, pattern: str) -> int:
         """Drop every key matching a glob `pattern` (SCAN + UNLINK), and all L1s."""
         self.local.clear()
+        self._inflight.clear()
         try:
-            removed = await self.backend.delete_matching(pattern)
-            await self.backend.publish(keys.INVALIDATION_CHANNEL, orjson.dumps({"o": self.instance_id, "p": pattern}))
-            return removed
+            return await self._drop_matching(pattern)
         except CacheUnavailable:
             self._remember_pending(pattern=pattern)
             return 0
+
+    async def _drop_matching(self, pattern: str) -> int:
+        removed = await self.backend.delete_matching(pattern)
+        if not pattern.endswith("*"):
+            # `<key>:lock` matches a trailing `*` but not an exact pattern. A loader whose lock
+            # survived could write back what it read before this change.
+            await self.backend.delete_matching(keys.lock(pattern))
+        await self.backend.publish(keys.INVALIDATION_CHANNEL, orjson.dumps({"o": self.instance_id, "p": pattern}))
+        return removed
 
     def _remember_pending(self, *, keys: tuple[str, ...] = (), pattern: str | None = None) -> None:
         if pattern is not None:
@@ -229,38 +270,72 @@ class TieredCache:
             self._flush_all_pending = True
         logger.warning("cache invalidation deferred until Redis is reachable (%d pending)", len(self._pending))
 
+    def distrust_backend(self) -> None:
+        """Invalidations may have been missed: this instance lost the invalidation channel, so Redis
+        was unreachable or restarted, and another instance's deletes may not have reached it (they
+        are pending there, or lost if it stopped meanwhile), while a Redis with persistence comes
+        back with the entries they were meant to remove. So before this instance reads the backend
+        again, every cached namespace there is dropped (see `replay_pending`)."""
+        self._flush_all_pending = True
+
     @property
     def pending_invalidations(self) -> int:
         return len(self._pending) + len(self._pending_patterns) + (1 if self._flush_all_pending else 0)
 
     async def replay_pending(self) -> None:
-        """Apply invalidations that could not reach Redis during an outage. Called on recovery."""
+        """Apply invalidations that could not reach Redis during an outage. Called on recovery and
+        before any read while some are pending. Each stays pending until it has been applied, so
+        a concurrent read cannot slip in between "taken off the list" and "deleted in Redis"."""
+        if not self.pending_invalidations or self._replayer is asyncio.current_task():
+            return  # nothing to do, or called back from within our own replay (a recovery callback)
+        async with self._replaying:
+            self._replayer = asyncio.current_task()
+            try:
+                await self._replay_pending()
+            finally:
+                self._replayer = None
+
+    async def _replay_pending(self) -> None:
         if self._flush_all_pending:
             self._flush_all_pending = False
             for namespace in CACHED_NAMESPACES:
                 self._pending_patterns.add(keys.namespace_pattern(namespace))
-        patterns, self._pending_patterns = self._pending_patterns, set()
-        pending, self._pending = self._pending, set()
-        for pattern in patterns:
-            await self.invalidate_matching(pattern)
-        if pending:
-            await self.invalidate(*pending)
-        if patterns or pending:
-            logger.info("replayed %d deferred cache invalidations", len(patterns) + len(pending))
+        replayed = 0
+        try:
+            for pattern in list(self._pending_patterns):
+                await self._drop_matching(pattern)
+                self._pending_patterns.discard(pattern)
+                replayed += 1
+            if self._pending:
+                pending = list(self._pending)
+                await self._drop(pending)
+                self._pending.difference_update(pending)
+                replayed += len(pending)
+        except CacheUnavailable:
+            pass  # still unreachable: they stay pending for the next try
+        if replayed:
+            logger.info("replayed %d deferred cache invalidations", replayed)
 
     def on_message(self, message: bytes) -> None:
         """An invalidation published by some instance (ourselves included)."""
         try:
             payload = orjson.loads(message)
         except orjson.JSONDecodeError:
+            payload = None
+        cache_keys = payload.get("k", []) if isinstance(payload, dict) else None
+        if not isinstance(cache_keys, list):
+            # Raising here would take the listener (and so every L1) down over one bad message.
             logger.warning("ignoring a malformed invalidation message")
             return
         if payload.get("o") == self.instance_id:
             return
         if "p" in payload or payload.get("all"):
             self.local.clear()
-        for key in payload.get("k", ()):
-            self.local.invalidate(key)
+            self._inflight.clear()
+        for key in cache_keys:
+            if isinstance(key, str):
+                self.local.invalidate(key)
+                self._inflight.pop(key, None)
 
 
 CACHED_NAMESPACES = ("personality", "prefs", "apikey")

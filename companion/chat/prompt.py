@@ -4,8 +4,8 @@ recent turns, newest kept first when the token budget is tight."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
-from companion.conversations.schemas import MessageOut
 from companion.llm.base import ChatMessage, estimate_tokens
 from companion.personalities.schemas import PersonalityOut
 from companion.preferences.schemas import Preferences
@@ -32,22 +32,35 @@ def system_prompt(personality: PersonalityOut, preferences: Preferences) -> str:
     return " ".join(parts)
 
 
+class Turnlike(Protocol):
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+
 def build_prompt(
     personality: PersonalityOut,
     preferences: Preferences,
-    history: Sequence[MessageOut],
+    history: Sequence[Turnlike],
     *,
     token_budget: int,
+    summary: str | None = None,
 ) -> list[ChatMessage]:
-    """`history` is oldest first and ends with the new user message, which is always kept."""
-    system = ChatMessage("system", system_prompt(personality, preferences))
+    """`history` is oldest first and ends with the new user message, which is always kept. The
+    running summary of older messages (if any) follows the system prompt."""
+    text = system_prompt(personality, preferences)
+    if summary:
+        text += "\n\nSummary of the earlier conversation:\n" + summary
+    system = ChatMessage("system", text)
     remaining = token_budget - estimate_tokens(system.content)
     kept: list[ChatMessage] = []
     for message in reversed(history):
         cost = estimate_tokens(message.content)
         if kept and cost > remaining:
             break
-        kept.append(ChatMessage(message.role, message.content))
+        kept.append(ChatMessage(message.role, message.content))  # type: ignore[arg-type]
         remaining -= cost
     kept.reverse()
     return [system, *kept]

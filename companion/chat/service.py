@@ -14,19 +14,23 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
 
+from companion.cache.backend import CacheUnavailable
+from companion.chat.context import ContextAssembler
 from companion.chat.prompt import build_prompt
+from companion.conversations.buffer import BufferedMessage
 from companion.conversations.schemas import ConversationOut, MessageOut
 from companion.conversations.service import ConversationService
+from companion.conversations.turns import LocalTurnLock, TurnLock
 from companion.errors import CompanionError, InvalidInput
 from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
-from companion.personalities.service import PersonalityService
-from companion.preferences.service import PreferenceService
-from companion.types import check_text
+from companion.ratelimit.policy import RateLimited
+from companion.ratelimit.quotas import TokenQuotas
+from companion.types import check_text, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +46,25 @@ class ChatLimits:
     flush_interval_seconds: float = 0.25
 
 
+async def _nothing() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Turn:
-    """Everything decided before the first token: who, where, the stored user message, the prompt."""
+    """Everything decided before the first token: who, where, the stored user message, the prompt.
+
+    A turn holds its conversation (one turn at a time) until `run` has finished with it; a caller
+    that never runs a turn it began must `await turn.release()`.
+    """
 
     user_id: uuid.UUID
     conversation: ConversationOut
     user_message: MessageOut
     prompt: list[ChatMessage]
     params: GenerationParams
+    release: Callable[[], Awaitable[None]] = _nothing
+    history_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,16 +115,18 @@ class ChatService:
         self,
         *,
         conversations: ConversationService,
-        personalities: PersonalityService,
-        preferences: PreferenceService,
+        context: ContextAssembler,
         provider: LLMProvider,
         limits: ChatLimits,
+        turns: TurnLock | None = None,
+        quotas: TokenQuotas | None = None,
     ) -> None:
         self._conversations = conversations
-        self._personalities = personalities
-        self._preferences = preferences
+        self._context = context
         self._provider = provider
         self.limits = limits
+        self._turns = turns or LocalTurnLock()
+        self._quotas = quotas
 
     def check_message(self, content: str) -> str:
         """Raises InvalidInput for empty, oversized or control-character input; stores nothing."""
@@ -137,19 +153,25 @@ class ChatService:
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> Turn:
-        """Validate, resolve the personality, store the user's message and build the prompt.
+        """Validate, take the conversation's turn, store the user's message and build the prompt.
 
-        Raises InvalidInput, NotFound (personality gone), ServiceUnavailable.
+        Raises InvalidInput (422), NotFound (personality gone), Conflict (409: another reply is
+        still streaming here and did not finish in time), RateLimited (429: token quota spent),
+        ServiceUnavailable (503). Nothing is stored when it raises.
         """
         content = self.check_message(content)
-        personality = await self._personalities.resolve(user_id, conversation.personality)
-        preferences = await self._preferences.get(user_id)
-        user_message = await self._conversations.add_message(conversation.id, "user", content)
-        history = await self._conversations.recent_messages(conversation.id, self.limits.short_term_memory_size)
-        if not history or history[-1].id != user_message.id:
-            # A concurrent turn slipped in after ours; our message still ends our prompt.
-            history = [m for m in history if m.id != user_message.id][-(self.limits.short_term_memory_size - 1) :]
-            history.append(user_message)
+        personality, preferences = await self._context.profile(user_id, conversation)
+        await self._check_quota(user_id)
+        held = contextlib.AsyncExitStack()
+        await held.enter_async_context(self._turns.hold(conversation.id))
+        try:
+            user_message = await self._conversations.add_message(conversation.id, "user", content)
+            newest = BufferedMessage(id=user_message.id, role="user", content=content)
+            history = await self._context.history(conversation.id, newest)
+            summary = await self._context.summary(conversation.id)
+        except BaseException:
+            await held.aclose()
+            raise
         params = GenerationParams(
             max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
             temperature=self.limits.temperature if temperature is None else temperature,
@@ -160,48 +182,71 @@ class ChatService:
             preferences,
             history,
             token_budget=self.limits.context_tokens - params.max_tokens,
+            summary=summary,
         )
-        return Turn(user_id, conversation, user_message, prompt, params)
+        return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history))
+
+    async def _check_quota(self, user_id: uuid.UUID) -> None:
+        if self._quotas is None or not self._quotas.enabled:
+            return
+        exceeded = await self._quotas.check(user_id)
+        if exceeded is not None:
+            window = exceeded.window
+            raise RateLimited(
+                f"Your {window.name} token quota ({window.quota} tokens) is used up; it renews at "
+                f"{window.end.isoformat()}.",
+                retry_after=max((window.end - utcnow()).total_seconds(), 1.0),
+                code="token_quota_exceeded",
+            )
 
     async def run(self, turn: Turn) -> AsyncIterator[ChatEvent]:
         """Generate and persist the reply, yielding its tokens and then one DoneEvent or ErrorEvent.
 
         If the consumer stops early (client disconnect), the partial reply is saved `incomplete`.
+        The conversation is released before the final event, so the client may send at once.
         """
         reply = _Reply(last_flush=time.monotonic())
         settled = False
+        failure: ErrorEvent | None = None
         try:
-            stream = self._provider.stream(turn.prompt, turn.params)
             try:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        reply.usage = chunk.usage
-                    if chunk.finish_reason is not None:
-                        reply.finish_reason = chunk.finish_reason
-                    if not chunk.text:
-                        continue
-                    reply.parts.append(chunk.text)
-                    await self._save_progress(turn, reply)
-                    yield TokenEvent(chunk.text)
+                stream = self._provider.stream(turn.prompt, turn.params)
+                try:
+                    async for chunk in stream:
+                        if chunk.usage is not None:
+                            reply.usage = chunk.usage
+                        if chunk.finish_reason is not None:
+                            reply.finish_reason = chunk.finish_reason
+                        if not chunk.text:
+                            continue
+                        reply.parts.append(chunk.text)
+                        await self._save_progress(turn, reply)
+                        yield TokenEvent(chunk.text)
+                finally:
+                    await stream.aclose()  # type: ignore[attr-defined]
+                if reply.message_id is None:
+                    # A model may legitimately say nothing; record that the turn was answered.
+                    message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
+                    reply.message_id = message.id
+                await self._settle(turn, reply, "complete")
+                settled = True
+            except CompanionError as error:
+                # Provider failure (502/504) or the database going away mid-reply (503).
+                settled = await self._settle_quietly(turn, reply, "error")
+                failure = ErrorEvent(error, reply.message_id, reply.text)
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
-            if reply.message_id is None:
-                # A model may legitimately say nothing; record that the turn was answered.
-                message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
-                reply.message_id = message.id
-            await self._settle(turn, reply, "complete")
-            settled = True
-        except CompanionError as error:
-            # Provider failure (502/504) or the database going away mid-reply (503).
-            settled = await self._settle_quietly(turn, reply, "error")
-            yield ErrorEvent(error, reply.message_id, reply.text)
-            return
+                if not settled:
+                    # Cancelled or closed (the client left): keep what the user already saw,
+                    # shielded from the cancellation that is tearing the response down.
+                    with anyio.CancelScope(shield=True):
+                        await self._settle_quietly(turn, reply, "incomplete")
         finally:
-            if not settled:
-                # Cancelled or closed (the client left): keep what the user already saw, shielded
-                # from the cancellation that is tearing the response down.
-                with anyio.CancelScope(shield=True):
-                    await self._settle_quietly(turn, reply, "incomplete")
+            with anyio.CancelScope(shield=True):
+                await turn.release()
+        self._context.after_turn(turn.conversation.id, turn.history_length + 1)
+        if failure is not None:
+            yield failure
+            return
         usage = reply.usage or Usage(0, len(reply.parts))
         assert reply.message_id is not None
         yield DoneEvent(reply.message_id, turn.user_message.id, reply.text, usage, reply.finish_reason)
@@ -264,6 +309,14 @@ class ChatService:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
+        await self._context.remember(
+            turn.conversation.id, BufferedMessage(id=reply.message_id, role="assistant", content=reply.text)
+        )
+        if self._quotas is not None and self._quotas.enabled:
+            try:
+                await self._quotas.charge(turn.user_id, usage.total_tokens)
+            except (CompanionError, CacheUnavailable):
+                logger.warning("could not charge %d tokens to the quota", usage.total_tokens, exc_info=True)
 
     async def _settle_quietly(self, turn: Turn, reply: _Reply, status: str) -> bool:
         try:

@@ -109,7 +109,8 @@ class SessionService:
 
         data = await self._with_fallback(read)
         if data is None and self._fallback is not None:
-            data = await self._fallback.get(key)
+            # Made while Redis was unreachable: it lives here, and slides here too.
+            data = await read(self._fallback)
         if data is None:
             return None
         stored = _Stored.model_validate_json(data)
@@ -131,7 +132,12 @@ class SessionService:
                 sessions.append(SessionInfo.model_validate(stored))
             return sessions
 
-        return sorted(await self._with_fallback(read), key=lambda s: s.created_at)
+        found = {session.id: session for session in await self._with_fallback(read)}
+        if self._fallback is not None:
+            # Sessions made while Redis was unreachable still authenticate, so they are listed too.
+            for session in await read(self._fallback):
+                found.setdefault(session.id, session)
+        return sorted(found.values(), key=lambda s: s.created_at)
 
     async def revoke(self, user_id: uuid.UUID, session_id: str) -> None:
         """Raises NotFound if the user has no such session."""

@@ -130,3 +130,17 @@ class Message(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ConversationSummary(Base):
+    """A running summary of the messages that left the short-term window, up to `upto_message_id`.
+    Rows are only ever added: a new summary extends the previous one and never touches messages."""
+
+    __tablename__ = "conversation_summaries"
+    __table_args__ = (Index("ix_conversation_summaries_conversation_id_id", "conversation_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    upto_message_id: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,0 +1,102 @@
+"""Context assembly: everything read before the model is called (personality, preferences, the
+running summary and the recent messages), from the caches, with the database as the fallback for
+each. The recent messages come from the conversation buffer; a miss rebuilds it from the database,
+and a buffer that could not be updated is dropped (now or, if Redis is down, on recovery), so it can
+only ever be missing, never wrong."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from companion.cache import keys
+from companion.cache.backend import CacheUnavailable
+from companion.cache.tiered import TieredCache
+from companion.chat.summary import Summarizer
+from companion.conversations.buffer import BufferedMessage, ConversationBuffer
+from companion.conversations.schemas import ConversationOut
+from companion.conversations.service import ConversationService
+from companion.personalities.schemas import PersonalityOut
+from companion.personalities.service import PersonalityService
+from companion.preferences.schemas import Preferences
+from companion.preferences.service import PreferenceService
+
+
+@dataclass(frozen=True)
+class Context:
+    personality: PersonalityOut
+    preferences: Preferences
+    summary: str | None
+    history: list[BufferedMessage]  # oldest first, ending with the newest user message
+
+
+class ContextAssembler:
+    def __init__(
+        self,
+        *,
+        conversations: ConversationService,
+        personalities: PersonalityService,
+        preferences: PreferenceService,
+        buffer: ConversationBuffer,
+        summarizer: Summarizer | None,
+        cache: TieredCache,
+        window: int,
+    ) -> None:
+        self._conversations = conversations
+        self._personalities = personalities
+        self._preferences = preferences
+        self._buffer = buffer
+        self._summarizer = summarizer
+        self._cache = cache
+        self.window = window
+
+    async def profile(self, user_id: uuid.UUID, conversation: ConversationOut) -> tuple[PersonalityOut, Preferences]:
+        """Raises NotFound if the conversation's personality no longer exists for this user."""
+        personality = await self._personalities.resolve(user_id, conversation.personality)
+        return personality, await self._preferences.get(user_id)
+
+    async def history(self, conversation_id: uuid.UUID, newest: BufferedMessage) -> list[BufferedMessage]:
+        """The last `window` messages ending with `newest` (just stored), appending it to the buffer."""
+        recent: list[BufferedMessage] | None = None
+        try:
+            if await self._buffer.append(conversation_id, newest):
+                recent = await self._buffer.recent(conversation_id, self.window)
+        except CacheUnavailable:
+            await self._forget(conversation_id)
+        if recent and recent[-1].id == newest.id:
+            return recent
+        rows = await self._conversations.recent_messages(conversation_id, self.window)
+        recent = [BufferedMessage(id=m.id, role=m.role, content=m.content) for m in rows]
+        if not recent or recent[-1].id != newest.id:
+            # Turns are serialized per conversation, so this only happens if the buffer and the
+            # database disagree; the prompt must still end with the message being answered.
+            recent = [*[m for m in recent if m.id < newest.id][-(self.window - 1) :], newest]
+        try:
+            await self._buffer.replace(conversation_id, recent)
+        except CacheUnavailable:
+            await self._forget(conversation_id)
+        return recent
+
+    async def remember(self, conversation_id: uuid.UUID, message: BufferedMessage) -> None:
+        """Add a settled reply to the buffer (or drop the buffer if that fails)."""
+        if not message.content:
+            return
+        try:
+            await self._buffer.append(conversation_id, message)
+        except CacheUnavailable:
+            await self._forget(conversation_id)
+
+    async def _forget(self, conversation_id: uuid.UUID) -> None:
+        # Deferred until Redis answers again if it is down: a buffer that missed a message must
+        # never be read after the outage.
+        await self._cache.invalidate(keys.conversation_buffer(conversation_id))
+
+    async def summary(self, conversation_id: uuid.UUID) -> str | None:
+        if self._summarizer is None:
+            return None
+        found = await self._summarizer.latest(conversation_id)
+        return found.content if found else None
+
+    def after_turn(self, conversation_id: uuid.UUID, history_length: int) -> None:
+        if self._summarizer is not None and history_length >= self.window:
+            self._summarizer.schedule(conversation_id)

@@ -1,0 +1,191 @@
+"""Running summaries of long conversations, built in the background.
+
+Messages that leave the short-term window are folded into the conversation's summary, which goes
+into the prompt. Summaries are additive (DESIGN-NOTES #8): each run inserts a new row whose text is
+the previous summary plus a summary of the newly departed messages; no summary and no message is
+ever updated or deleted, so a bad summarisation can never wipe the context.
+
+Two modes: `extractive` (deterministic: the first sentence of each message; the default for the
+small local model, which summarises poorly) and `llm` (the provider writes the new part; falls back
+to extractive if it fails or says nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+
+from companion.cache import keys
+from companion.cache.codec import ModelCodec
+from companion.cache.tiered import Cached, TieredCache
+from companion.errors import CompanionError
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider
+from companion.storage.database import Database
+from companion.storage.models import ConversationSummary, Message
+from companion.types import Clock, utcnow
+
+logger = logging.getLogger(__name__)
+SummaryMode = Literal["extractive", "llm"]
+_SENTENCE = re.compile(r"^(.+?[.!?])(\s|$)", re.S)
+
+
+class Summary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    upto_message_id: int
+    content: str
+
+
+def first_sentence(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    match = _SENTENCE.match(text)
+    sentence = match.group(1) if match else text
+    return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
+
+
+def extractive(messages: list[Message]) -> str:
+    lines = []
+    for message in messages:
+        who = "The user said" if message.role == "user" else "You replied"
+        lines.append(f"{who}: {first_sentence(message.content, 160)}")
+    return "\n".join(lines)
+
+
+class Summarizer:
+    def __init__(
+        self,
+        database: Database,
+        cache: TieredCache,
+        *,
+        provider: LLMProvider | None = None,
+        mode: SummaryMode = "extractive",
+        window: int = 20,
+        batch: int = 4,
+        max_chars: int = 4000,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._db = database
+        self._cache = cache
+        self._cached = Cached(cache, ModelCodec(Summary), ttl=3600, local_ttl=60, miss_ttl=3600)
+        self._provider = provider
+        self.mode = mode
+        self.window = window
+        self.batch = batch
+        self.max_chars = max_chars
+        self._clock = clock
+        self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    async def latest(self, conversation_id: uuid.UUID) -> Summary | None:
+        """The newest summary (cached; invalidated when a new one is written)."""
+
+        async def load() -> Summary | None:
+            async with self._db.session() as session:
+                row = (
+                    await session.execute(
+                        select(ConversationSummary)
+                        .where(ConversationSummary.conversation_id == conversation_id)
+                        .order_by(ConversationSummary.id.desc())
+                        .limit(1)
+                    )
+                ).scalar_one_or_none()
+            return Summary(upto_message_id=row.upto_message_id, content=row.content) if row else None
+
+        return await self._cached.get(keys.conversation_summary(conversation_id), load)
+
+    def schedule(self, conversation_id: uuid.UUID) -> None:
+        """Fold departed messages into the summary in the background (one run per conversation)."""
+        if conversation_id in self._running:
+            return
+        task = asyncio.create_task(self._run(conversation_id), name=f"summarize-{conversation_id}")
+        self._running[conversation_id] = task
+        task.add_done_callback(lambda _: self._running.pop(conversation_id, None))
+
+    async def wait_idle(self) -> None:
+        """Wait for background runs (tests and shutdown)."""
+        while self._running:
+            await asyncio.gather(*list(self._running.values()), return_exceptions=True)
+
+    async def _run(self, conversation_id: uuid.UUID) -> None:
+        try:
+            await self.summarize(conversation_id)
+        except CompanionError:
+            logger.warning("summary of conversation %s postponed", conversation_id, exc_info=True)
+        except Exception:
+            logger.exception("summary of conversation %s failed", conversation_id)
+
+    async def summarize(self, conversation_id: uuid.UUID) -> Summary | None:
+        """Add a summary row if at least `batch` messages have left the window since the last one."""
+        previous = await self.latest(conversation_id)
+        after = previous.upto_message_id if previous else 0
+        async with self._db.session() as session:
+            window_ids = list(
+                (
+                    await session.execute(
+                        select(Message.id)
+                        .where(Message.conversation_id == conversation_id, Message.status != "streaming")
+                        .order_by(Message.id.desc())
+                        .limit(self.window)
+                    )
+                ).scalars()
+            )
+            if len(window_ids) < self.window:
+                return None
+            departed = list(
+                (
+                    await session.execute(
+                        select(Message)
+                        .where(
+                            Message.conversation_id == conversation_id,
+                            Message.id > after,
+                            Message.id < min(window_ids),
+                            Message.status != "streaming",
+                            Message.content != "",
+                        )
+                        .order_by(Message.id)
+                    )
+                ).scalars()
+            )
+        if len(departed) < self.batch:
+            return None
+        addition = await self._describe(departed)
+        content = "\n".join(part for part in (previous.content if previous else "", addition) if part)
+        if len(content) > self.max_chars:
+            # Keep the newest part within the budget; the full history stays in the database.
+            content = "…" + content[-(self.max_chars - 1) :]
+        upto = departed[-1].id
+        async with self._db.session() as session:
+            session.add(
+                ConversationSummary(
+                    conversation_id=conversation_id, upto_message_id=upto, content=content, created_at=self._clock()
+                )
+            )
+        await self._cache.invalidate(keys.conversation_summary(conversation_id))
+        return Summary(upto_message_id=upto, content=content)
+
+    async def _describe(self, messages: list[Message]) -> str:
+        if self.mode != "llm" or self._provider is None:
+            return extractive(messages)
+        transcript = "\n".join(f"{m.role}: {m.content}" for m in messages)
+        prompt = [
+            ChatMessage(
+                "system",
+                "Summarize the conversation excerpt in at most three short sentences. Keep facts about the "
+                "user (names, people, places, plans, likes). Write nothing else.",
+            ),
+            ChatMessage("user", transcript[-6000:]),
+        ]
+        parts: list[str] = []
+        try:
+            async for chunk in self._provider.stream(prompt, GenerationParams(max_tokens=120, temperature=0.2)):
+                parts.append(chunk.text)
+        except CompanionError:
+            logger.warning("LLM summary failed; using the extractive one")
+            return extractive(messages)
+        text = "".join(parts).strip()
+        return text or extractive(messages)

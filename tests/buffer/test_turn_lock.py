@@ -1,0 +1,127 @@
+"""One turn at a time per conversation, on one instance (in-process lock) and across instances
+(Redis lease), with the same behaviour: waiters queue, a wait that runs out is a 409, nothing hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from companion.cache import keys
+from companion.cache.redis import RedisBackend, make_client
+from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
+from companion.errors import Conflict
+from tests.support.live import wait_for
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+async def backends(buffer_redis: RedisServer) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two clients on one Redis, as two service instances would have."""
+    buffer_redis.start()
+    first, second = RedisBackend(make_client(buffer_redis.url)), RedisBackend(make_client(buffer_redis.url))
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+    buffer_redis.start()
+
+
+@pytest.fixture(params=["local", "redis-two-instances"])
+def locks(request: pytest.FixtureRequest) -> tuple[TurnLock, TurnLock]:
+    """Two lock objects that must exclude each other."""
+    if request.param == "local":
+        lock = LocalTurnLock(wait_seconds=0.3)
+        return lock, lock
+    first, second = request.getfixturevalue("backends")
+    return (
+        RedisTurnLock(first, wait_seconds=0.3, lease_seconds=5, poll_seconds=0.005),
+        RedisTurnLock(second, wait_seconds=0.3, lease_seconds=5, poll_seconds=0.005),
+    )
+
+
+async def test_turns_on_one_conversation_never_overlap(locks: tuple[TurnLock, TurnLock]) -> None:
+    conversation = uuid.uuid4()
+    inside = 0
+    most = 0
+    order: list[int] = []
+
+    async def turn(n: int, lock: TurnLock) -> None:
+        nonlocal inside, most
+        async with lock.hold(conversation):
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.01)  # a turn doing work; the others must queue behind it
+            order.append(n)
+            inside -= 1
+
+    await asyncio.gather(*(turn(n, locks[n % 2]) for n in range(6)))
+    assert most == 1 and sorted(order) == list(range(6))
+
+
+async def test_other_conversations_are_not_blocked(locks: tuple[TurnLock, TurnLock]) -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    async with locks[0].hold(first):
+        async with asyncio.timeout(1):
+            async with locks[1].hold(second):
+                pass
+
+
+async def test_a_wait_that_runs_out_is_a_409_conflict(locks: tuple[TurnLock, TurnLock]) -> None:
+    conversation = uuid.uuid4()
+    async with locks[0].hold(conversation):
+        with pytest.raises(Conflict) as caught:
+            async with locks[1].hold(conversation):
+                pass
+    assert caught.value.code == "conversation_busy" and caught.value.status_code == 409
+    async with locks[1].hold(conversation):  # and it is free again afterwards
+        pass
+
+
+async def test_redis_lease_is_renewed_while_the_turn_runs(backends: tuple[RedisBackend, RedisBackend]) -> None:
+    holder = RedisTurnLock(backends[0], wait_seconds=0.2, lease_seconds=0.3, poll_seconds=0.005)
+    other = RedisTurnLock(backends[1], wait_seconds=0.05, lease_seconds=0.3, poll_seconds=0.005)
+    conversation = uuid.uuid4()
+    key = keys.conversation_lock(conversation)
+    async with holder.hold(conversation):
+        renewed = 0
+
+        async def renewed_twice() -> bool:
+            nonlocal renewed
+            ttl = await backends[0].client.pttl(key)
+            if ttl > 250:
+                renewed += 1
+            return renewed >= 3
+
+        await wait_for(renewed_twice, timeout=3, what="the lease to be renewed past its first expiry")
+        with pytest.raises(Conflict):
+            async with other.hold(conversation):
+                pass
+    assert await backends[0].client.exists(key) == 0  # released by its owner
+
+
+async def test_a_crashed_holder_s_lease_expires(backends: tuple[RedisBackend, RedisBackend]) -> None:
+    conversation = uuid.uuid4()
+    # A holder that died mid-turn: its lease is there, nobody renews it.
+    await backends[0].client.set(keys.conversation_lock(conversation), b"dead-instance", px=200)
+    lock = RedisTurnLock(backends[1], wait_seconds=2, lease_seconds=5, poll_seconds=0.01)
+    async with asyncio.timeout(3):
+        async with lock.hold(conversation):
+            pass
+
+
+async def test_redis_down_falls_back_to_this_instance(buffer_redis: RedisServer) -> None:
+    buffer_redis.start()
+    backend = RedisBackend(make_client(buffer_redis.url))
+    lock = RedisTurnLock(backend, wait_seconds=0.2, lease_seconds=5, poll_seconds=0.005)
+    buffer_redis.stop()
+    try:
+        conversation = uuid.uuid4()
+        async with lock.hold(conversation):
+            with pytest.raises(Conflict):
+                async with lock.hold(conversation):
+                    pass
+    finally:
+        await backend.aclose()
+        buffer_redis.start()
