@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from companion.cli.cache import cache_app
 from companion.cli.chat import EmbeddedChat, RemoteChat, run_chat
 from companion.cli.support import (
     CliFailure,
@@ -37,6 +38,7 @@ db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(personalities_app, name="personalities")
 app.add_typer(db_app, name="db")
+app.add_typer(cache_app, name="cache")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 

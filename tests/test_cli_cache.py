@@ -1,0 +1,98 @@
+"""`companion cache stats` and `companion cache invalidate` against a running service and a private
+redis-server (never the shared one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from companion.cache import keys
+from companion.cli.main import app
+from companion.llm.scripted import ScriptedProvider
+from tests.conftest import make_settings
+from tests.support.redis_server import RedisServer
+from tests.test_cli import _server_in_thread
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str, enabled: bool = True) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("REDIS_ENABLED", "true" if enabled else "false")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+
+
+def test_stats_and_invalidate_against_a_running_instance(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+        tmp_path,
+        redis_enabled=True,
+        redis_url=redis_server.url,
+        auto_migrate=True,
+    )
+    _env(monkeypatch, tmp_path, redis_server.url)
+    admin = redis_server.sync_client()
+    admin.set("someone-else:key", b"untouched")
+    with _server_in_thread(settings, ScriptedProvider()) as (url, user):
+        headers = {"Authorization": f"Bearer {user.api_key}"}
+        for _ in range(3):
+            assert httpx.get(f"{url}/v1/personalities/elara", headers=headers, timeout=10).status_code == 200
+        personality_key = keys.personality(user.id, "elara")
+        assert admin.exists(personality_key)
+
+        result = runner.invoke(app, ["cache", "stats", "--url", url])
+        assert result.exit_code == 0, result.output
+        rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.strip()}
+        # One miss then two hits of the in-process L1: a 66.7% hit rate, beside Redis's own counters.
+        assert rows["personality"][1:4] == ["2", "0", "1"] and rows["personality"][-1] == "66.7%"
+        assert "keyspace_hits" in result.output and "used_memory" in result.output
+
+        result = runner.invoke(app, ["cache", "invalidate", "personality", "elara"])
+        assert result.exit_code == 0, result.output
+        assert "Invalidated 1 Redis entries" in result.output
+        assert not admin.exists(personality_key)
+
+        assert httpx.get(f"{url}/v1/personalities/elara", headers=headers, timeout=10).status_code == 200
+        result = runner.invoke(app, ["cache", "invalidate", "--all"])
+        assert result.exit_code == 0, result.output
+        assert not admin.exists(personality_key) and not admin.exists(keys.api_key("x"))
+        assert admin.get("someone-else:key") == b"untouched"  # our prefix only, never FLUSHDB
+    admin.close()
+
+
+def test_invalidate_refuses_bad_arguments_and_explains_disabled_redis(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _env(monkeypatch, tmp_path, redis_server.url)
+    for args in (["bogus"], ["personality", "a:*"], ["prefs", "elara"], []):
+        result = runner.invoke(app, ["cache", "invalidate", *args])
+        assert result.exit_code == 2, (args, result.output)
+    _env(monkeypatch, tmp_path, redis_server.url, enabled=False)
+    result = runner.invoke(app, ["cache", "invalidate", "--all"])
+    assert result.exit_code == 2 and "Redis is disabled" in result.output
+
+
+def test_commands_explain_an_unreachable_service_or_redis(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _env(monkeypatch, tmp_path, redis_server.url)
+    redis_server.stop()
+    result = runner.invoke(app, ["cache", "invalidate", "--all"])
+    assert result.exit_code == 1 and "cannot reach Redis" in result.output
+    result = runner.invoke(app, ["cache", "stats", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "is the service running" in result.output
