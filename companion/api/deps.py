@@ -26,10 +26,14 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def client_ip(request: Request, services: Services) -> str:
+    """The address per-IP limits count. Behind a trusted proxy, the last `X-Forwarded-For` entry:
+    the one that proxy appended. Earlier entries come from the client and may be forged (taking the
+    first would let anyone pick a fresh address, and a fresh budget, for every request)."""
     if services.settings.trust_forwarded_for:
         forwarded = request.headers.get("x-forwarded-for", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()[:64]
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last[:64]
     return request.client.host if request.client else "unknown"
 
 

@@ -1,5 +1,5 @@
 """GET /metrics: Prometheus text format. Each app has its own registry (no global state), holding
-the cache counters and the Redis degradation state."""
+the cache counters, the Redis degradation state and the rate limiter's decisions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from companion.services import Services
@@ -37,10 +37,48 @@ class _DegradedCollector(Collector):
         yield pending
 
 
+class _RateLimitCollector(Collector):
+    """The rate limiter's decisions on this instance, per policy (`user`, `ip`, `auth-failures`, or
+    an overridden route such as `POST /v1/chat/completions`), from `services.rate_limits.counts`."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = self._services.rate_limits.counts
+        allowed = CounterMetricFamily(
+            "companion_ratelimit_allowed", "Requests the rate limiter admitted, per policy", labels=["policy"]
+        )
+        for policy, value in sorted(counts.allowed.items()):
+            allowed.add_metric([policy], float(value))
+        yield allowed
+        limited = CounterMetricFamily(
+            "companion_ratelimit_limited",
+            "Requests refused with 429 by the rate limiter, per policy",
+            labels=["policy"],
+        )
+        for policy, value in sorted(counts.limited.items()):
+            limited.add_metric([policy], float(value))
+        yield limited
+        fallbacks = CounterMetricFamily(
+            "companion_ratelimit_fallbacks",
+            "Decisions taken by this instance's in-process limiter because Redis was unreachable",
+        )
+        fallbacks.add_metric([], float(counts.fallbacks))
+        yield fallbacks
+        unavailable = CounterMetricFamily(
+            "companion_ratelimit_unavailable",
+            "Requests refused with 503 because Redis was unreachable and RATE_LIMIT_FAIL_CLOSED is set",
+        )
+        unavailable.add_metric([], float(counts.refused_unavailable))
+        yield unavailable
+
+
 def build_registry(services: Services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(services.cache.stats)
     registry.register(_DegradedCollector(services))
+    registry.register(_RateLimitCollector(services))
     return registry
 
 

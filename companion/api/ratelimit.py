@@ -7,9 +7,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from companion.errors import ServiceUnavailable
 from companion.ratelimit.policy import RateLimited, rate_limit_headers
 
 EXEMPT = ("/health", "/metrics")
+
+
+def _limited_by_address(path: str) -> bool:
+    """Unauthenticated routes: everything but /v1 (limited per user, and per address on failed
+    authentication) and the exempt paths themselves (not whatever merely starts like them)."""
+    if path.startswith("/v1/"):
+        return False
+    return not any(path == exempt or path.startswith(exempt + "/") for exempt in EXEMPT)
 
 
 class RateLimitMiddleware:
@@ -22,13 +31,19 @@ class RateLimitMiddleware:
             return
         services = scope["app"].state.services if hasattr(scope["app"].state, "services") else None
         path: str = scope.get("path", "")
-        if services is not None and services.rate_limits.enabled and not path.startswith(("/v1/", *EXEMPT)):
+        if services is not None and services.rate_limits.enabled and _limited_by_address(path):
             from companion.api.deps import client_ip
 
             try:
                 decision = await services.rate_limits.check_ip(client_ip(Request(scope), services))
             except RateLimited as error:
                 response = JSONResponse(error.to_body(), status_code=429, headers=error.headers())
+                await response(scope, receive, send)
+                return
+            except ServiceUnavailable as error:
+                # RATE_LIMIT_FAIL_CLOSED with Redis unreachable. Raised here, outside the routers,
+                # the app's error handlers would never see it (it would end as a 500).
+                response = JSONResponse(error.to_body(), status_code=503, headers={"Retry-After": "5"})
                 await response(scope, receive, send)
                 return
             scope.setdefault("state", {})["rate_limit"] = decision

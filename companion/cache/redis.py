@@ -40,17 +40,23 @@ def make_client(
     health_check_interval: int = 15,
     client_name: str = "companion",
 ) -> aioredis.Redis:
-    """A client for `redis://`, `rediss://` (TLS) and `redis://user:password@` (ACL) URLs."""
-    return aioredis.Redis.from_url(
+    """A client for `redis://`, `rediss://` (TLS) and `redis://user:password@` (ACL) URLs.
+
+    The pool blocks (up to the connect timeout) when all `max_connections` are busy, instead of
+    failing at once: a burst of requests queues briefly rather than tripping the circuit breaker.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=connect_timeout_ms / 1000,
         socket_timeout=socket_timeout_ms / 1000,
         socket_connect_timeout=connect_timeout_ms / 1000,
         # A fresh Retry per client: they carry state.
         retry=Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), retries),
-        max_connections=max_connections,
         health_check_interval=health_check_interval,
         client_name=client_name,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:

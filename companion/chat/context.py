@@ -2,7 +2,9 @@
 running summary and the recent messages), from the caches, with the database as the fallback for
 each. The recent messages come from the conversation buffer; a miss rebuilds it from the database,
 and a buffer that could not be updated is dropped (now or, if Redis is down, on recovery), so it can
-only ever be missing, never wrong."""
+only ever be missing, never wrong. Another instance may reach Redis before that drop (or Redis may
+come back with the old list), so each append also checks that the buffer ends with the message the
+database has just before the new one (by stamp), and rebuilds it if not."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
 from companion.cache.tiered import TieredCache
 from companion.chat.summary import Summarizer
-from companion.conversations.buffer import BufferedMessage, ConversationBuffer
+from companion.conversations.buffer import BufferedMessage, ConversationBuffer, stamp
 from companion.conversations.schemas import ConversationOut
 from companion.conversations.service import ConversationService
 from companion.personalities.schemas import PersonalityOut
@@ -55,18 +57,22 @@ class ContextAssembler:
         personality = await self._personalities.resolve(user_id, conversation.personality)
         return personality, await self._preferences.get(user_id)
 
-    async def history(self, conversation_id: uuid.UUID, newest: BufferedMessage) -> list[BufferedMessage]:
-        """The last `window` messages ending with `newest` (just stored), appending it to the buffer."""
+    async def history(
+        self, conversation_id: uuid.UUID, newest: BufferedMessage, *, after: str | None = None
+    ) -> list[BufferedMessage]:
+        """The last `window` messages ending with `newest` (just stored), appending it to the buffer.
+        `after` is the stamp of the message stored before it (the conversation's `updated_at` read
+        just before storing `newest`): a buffer that does not end with it missed a message."""
         recent: list[BufferedMessage] | None = None
         try:
-            if await self._buffer.append(conversation_id, newest):
+            if await self._buffer.append(conversation_id, newest, after=after):
                 recent = await self._buffer.recent(conversation_id, self.window)
         except CacheUnavailable:
             await self._forget(conversation_id)
         if recent and recent[-1].id == newest.id:
             return recent
         rows = await self._conversations.recent_messages(conversation_id, self.window)
-        recent = [BufferedMessage(id=m.id, role=m.role, content=m.content) for m in rows]
+        recent = [BufferedMessage(id=m.id, role=m.role, content=m.content, at=stamp(m.created_at)) for m in rows]
         if not recent or recent[-1].id != newest.id:
             # Turns are serialized per conversation, so this only happens if the buffer and the
             # database disagree; the prompt must still end with the message being answered.
@@ -77,12 +83,13 @@ class ContextAssembler:
             await self._forget(conversation_id)
         return recent
 
-    async def remember(self, conversation_id: uuid.UUID, message: BufferedMessage) -> None:
-        """Add a settled reply to the buffer (or drop the buffer if that fails)."""
+    async def remember(self, conversation_id: uuid.UUID, message: BufferedMessage, *, after: str | None = None) -> None:
+        """Add a settled reply to the buffer (or drop the buffer if that fails). `after`: the stamp of
+        the message it answers."""
         if not message.content:
             return
         try:
-            await self._buffer.append(conversation_id, message)
+            await self._buffer.append(conversation_id, message, after=after)
         except CacheUnavailable:
             await self._forget(conversation_id)
 

@@ -16,21 +16,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import anyio
 
 from companion.cache.backend import CacheUnavailable
 from companion.chat.context import ContextAssembler
 from companion.chat.prompt import build_prompt
-from companion.conversations.buffer import BufferedMessage
+from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
 from companion.conversations.service import ConversationService
 from companion.conversations.turns import LocalTurnLock, TurnLock
 from companion.errors import CompanionError, InvalidInput
 from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
-from companion.ratelimit.policy import RateLimited
 from companion.ratelimit.quotas import TokenQuotas
-from companion.types import check_text, utcnow
+from companion.types import check_text
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ ChatEvent = TokenEvent | DoneEvent | ErrorEvent
 class _Reply:
     parts: list[str] = field(default_factory=list)
     message_id: int | None = None
+    created_at: datetime | None = None
     usage: Usage | None = None
     finish_reason: str = "stop"
     saved_chars: int = 0
@@ -155,9 +156,9 @@ class ChatService:
     ) -> Turn:
         """Validate, take the conversation's turn, store the user's message and build the prompt.
 
-        Raises InvalidInput (422), NotFound (personality gone), Conflict (409: another reply is
-        still streaming here and did not finish in time), RateLimited (429: token quota spent),
-        ServiceUnavailable (503). Nothing is stored when it raises.
+        Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
+        reply is still streaming here and did not finish in time), RateLimited (429: token quota
+        spent), ServiceUnavailable (503). Nothing is stored when it raises.
         """
         content = self.check_message(content)
         personality, preferences = await self._context.profile(user_id, conversation)
@@ -165,9 +166,14 @@ class ChatService:
         held = contextlib.AsyncExitStack()
         await held.enter_async_context(self._turns.hold(conversation.id))
         try:
+            # Read again now that the turn is ours: its `updated_at` is when the conversation's last
+            # message was stored, which the buffer must end with (see ContextAssembler.history).
+            current = await self._conversations.get(user_id, conversation.id)
             user_message = await self._conversations.add_message(conversation.id, "user", content)
-            newest = BufferedMessage(id=user_message.id, role="user", content=content)
-            history = await self._context.history(conversation.id, newest)
+            newest = BufferedMessage(
+                id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
+            )
+            history = await self._context.history(conversation.id, newest, after=stamp(current.updated_at))
             summary = await self._context.summary(conversation.id)
         except BaseException:
             await held.aclose()
@@ -187,17 +193,8 @@ class ChatService:
         return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history))
 
     async def _check_quota(self, user_id: uuid.UUID) -> None:
-        if self._quotas is None or not self._quotas.enabled:
-            return
-        exceeded = await self._quotas.check(user_id)
-        if exceeded is not None:
-            window = exceeded.window
-            raise RateLimited(
-                f"Your {window.name} token quota ({window.quota} tokens) is used up; it renews at "
-                f"{window.end.isoformat()}.",
-                retry_after=max((window.end - utcnow()).total_seconds(), 1.0),
-                code="token_quota_exceeded",
-            )
+        if self._quotas is not None and self._quotas.enabled:
+            await self._quotas.enforce(user_id)  # 429 token_quota_exceeded
 
     async def run(self, turn: Turn) -> AsyncIterator[ChatEvent]:
         """Generate and persist the reply, yielding its tokens and then one DoneEvent or ErrorEvent.
@@ -227,7 +224,7 @@ class ChatService:
                 if reply.message_id is None:
                     # A model may legitimately say nothing; record that the turn was answered.
                     message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
-                    reply.message_id = message.id
+                    reply.message_id, reply.created_at = message.id, message.created_at
                 await self._settle(turn, reply, "complete")
                 settled = True
             except CompanionError as error:
@@ -256,7 +253,7 @@ class ChatService:
             message = await self._conversations.add_message(
                 turn.conversation.id, "assistant", reply.text, status="streaming"
             )
-            reply.message_id = message.id
+            reply.message_id, reply.created_at = message.id, message.created_at
             reply.saved_chars = len(reply.text)
             reply.last_flush = time.monotonic()
             reply.flusher = asyncio.create_task(self._flush_while_stalled(reply))
@@ -309,8 +306,11 @@ class ChatService:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
+        assert reply.created_at is not None
         await self._context.remember(
-            turn.conversation.id, BufferedMessage(id=reply.message_id, role="assistant", content=reply.text)
+            turn.conversation.id,
+            BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
+            after=stamp(turn.user_message.created_at),
         )
         if self._quotas is not None and self._quotas.enabled:
             try:

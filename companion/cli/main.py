@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
 
+from companion.cache.backend import CacheUnavailable
 from companion.cli.cache import cache_app
 from companion.cli.chat import EmbeddedChat, RemoteChat, run_chat
 from companion.cli.support import (
@@ -22,7 +24,11 @@ from companion.cli.support import (
 )
 from companion.config import Settings
 from companion.personalities.schemas import PersonalityOut
+from companion.ratelimit.limiter import Decision
+from companion.ratelimit.quotas import QuotaState
+from companion.services import Services
 from companion.storage import migrate
+from companion.storage.models import User
 from companion.users.service import CreatedUser
 
 # Locals can hold settings and keys: never print them in a traceback.
@@ -35,9 +41,11 @@ app = typer.Typer(
 users_app = typer.Typer(help="Manage users and their API keys.", no_args_is_help=True)
 personalities_app = typer.Typer(help="The global personalities.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+limits_app = typer.Typer(help="A user's request rate limits and token quotas.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(personalities_app, name="personalities")
 app.add_typer(db_app, name="db")
+app.add_typer(limits_app, name="limits")
 app.add_typer(cache_app, name="cache")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
@@ -178,6 +186,154 @@ def _conversation_id(value: str | None) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         fail(f"--conversation must be a conversation id (a UUID), not {value!r}.", 2)
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+UserIdArgument = Annotated[str, typer.Argument(help="The user's id (printed by `companion users create`).")]
+IN_PROCESS_NOTE = (
+    "Request limits are kept in each server's own memory (REDIS_ENABLED=false): this command cannot see or reset them."
+)
+
+
+@limits_app.command("show")
+def limits_show(user_id: UserIdArgument, as_json: JsonFlag = False) -> None:
+    """Show a user's request limits (each policy: limit, remaining, seconds until whole again) and
+    token quota usage per window."""
+    settings = settings_or_exit()
+    user = _user_id_or_exit(user_id)
+    name, decisions, quotas = run(_limits_state(settings, user))
+    shared = settings.redis_enabled
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "user_id": str(user),
+                    "name": name,
+                    "rate_limits_enabled": settings.rate_limit_enabled,
+                    "rate_limits_shared": shared,
+                    "policies": [_policy_json(d, shared) for d in decisions],
+                    "token_quotas": [_quota_json(q) for q in quotas],
+                }
+            )
+        )
+        return
+    typer.echo(f"User {name!r} ({user}).")
+    if not settings.rate_limit_enabled:
+        typer.echo("Request rate limits are off (RATE_LIMIT_ENABLED=false); configured:")
+    elif not shared:
+        typer.echo(IN_PROCESS_NOTE)
+    headers = ("POLICY", "LIMIT", "REMAINING", "RESET (S)")
+    rows = [
+        (
+            d.limit.name,
+            f"{d.limit.limit}/{int(d.limit.period_seconds)}s",
+            str(d.remaining) if shared else "n/a",
+            f"{d.reset_seconds:.1f}" if shared else "n/a",
+        )
+        for d in decisions
+    ]
+    _table(headers, rows)
+    typer.echo("")
+    if not quotas:
+        typer.echo("Token quotas: unlimited (TOKEN_QUOTA_DAILY and TOKEN_QUOTA_MONTHLY are 0).")
+        return
+    typer.echo("Token quotas (tokens per UTC window):")
+    _table(
+        ("WINDOW", "QUOTA", "USED", "REMAINING", "RENEWS AT"),
+        [(q.window.name, str(q.window.quota), str(q.used), str(q.remaining), q.window.end.isoformat()) for q in quotas],
+    )
+
+
+@limits_app.command("reset")
+def limits_reset(user_id: UserIdArgument) -> None:
+    """Reset a user's request limits and recount their token quota counters from stored usage
+    (usage is stored with every reply: a reset does not forgive it)."""
+    settings = settings_or_exit()
+    user = _user_id_or_exit(user_id)
+    name, policies, quotas = run(_limits_reset(settings, user))
+    typer.echo(f"User {name!r} ({user}):")
+    if settings.redis_enabled:
+        typer.echo(f"  request limits reset: {', '.join(policies)} (full quota available again).")
+    else:
+        typer.echo(f"  request limits not reset. {IN_PROCESS_NOTE} Restart the servers to clear them.")
+    if not quotas:
+        typer.echo("  token quotas: unlimited, nothing to reset.")
+        return
+    usage = ", ".join(f"{q.window.name} {q.used}/{q.window.quota}" for q in quotas)
+    where = "" if settings.redis_enabled else " here (servers keep their own counters)"
+    typer.echo(f"  token quota counters cleared{where} and recounted from stored usage: {usage} tokens.")
+
+
+def _user_id_or_exit(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        fail(f"USER_ID must be a user id (a UUID), not {value!r}.", 2)
+
+
+async def _user_name(services: Services, user_id: uuid.UUID) -> str:
+    async with services.database.session() as session:
+        user = await session.get(User, user_id)
+    if user is None:
+        raise CliFailure(f"no user with id {user_id}.")
+    return user.name
+
+
+async def _limits_state(settings: Settings, user_id: uuid.UUID) -> tuple[str, list[Decision], list[QuotaState]]:
+    async with started_services(settings) as services:
+        name = await _user_name(services, user_id)
+        try:
+            decisions = await services.rate_limits.state(str(user_id))
+            quotas = await services.quotas.usage(user_id) if services.quotas.enabled else []
+        except CacheUnavailable:
+            raise _redis_unreachable() from None
+        return name, decisions, quotas
+
+
+async def _limits_reset(settings: Settings, user_id: uuid.UUID) -> tuple[str, list[str], list[QuotaState]]:
+    async with started_services(settings) as services:
+        name = await _user_name(services, user_id)
+        limits = services.rate_limits
+        try:
+            await limits.reset(str(user_id))
+            quotas: list[QuotaState] = []
+            if services.quotas.enabled:
+                await services.quotas.reset(user_id)
+                quotas = await services.quotas.usage(user_id)
+        except CacheUnavailable:
+            raise _redis_unreachable() from None
+        return name, [limit.name for limit in [limits.user_limit, *limits.route_limits.values()]], quotas
+
+
+def _redis_unreachable() -> CliFailure:
+    return CliFailure("cannot reach Redis at REDIS_URL; the limits live there. Check that Redis is running.")
+
+
+def _policy_json(decision: Decision, shared: bool) -> dict[str, object]:
+    return {
+        "policy": decision.limit.name,
+        "limit": decision.limit.limit,
+        "window_seconds": decision.limit.period_seconds,
+        "remaining": decision.remaining if shared else None,
+        "reset_seconds": round(decision.reset_seconds, 3) if shared else None,
+    }
+
+
+def _quota_json(state: QuotaState) -> dict[str, object]:
+    return {
+        "window": state.window.name,
+        "quota": state.window.quota,
+        "used": state.used,
+        "remaining": state.remaining,
+        "renews_at": state.window.end.isoformat(),
+    }
+
+
+def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def main() -> None:

@@ -4,9 +4,15 @@ in Redis (or in process) so that assembling a prompt reads no database rows.
 The database stays the system of record; the buffer is only ever a copy of its newest messages:
 
 * `append` is one atomic Lua script (push, trim, expire) and only extends a buffer that exists and
-  whose newest entry is older than the new message; anything else deletes the buffer, so it is
-  rebuilt from the database on the next read instead of ever holding a gap, a duplicate or a
-  reordering. The list is never longer than N and never without a TTL.
+  whose newest entry is older than the new message and, when the caller says which, is the message
+  that precedes it in the database; anything else deletes the buffer, so it is rebuilt from the
+  database on the next read instead of ever holding a gap, a duplicate or a reordering. The list is
+  never longer than N and never without a TTL.
+* Each entry carries its message's `stamp` (its `created_at`, which is also written to the
+  conversation's `updated_at`), so that a turn can check the buffer against the conversation row
+  before extending it: an instance that stored messages while it could not reach Redis could not drop
+  the buffer either, and Redis may come back with the old list (persistence) or have stayed
+  reachable for other instances all along (a partition).
 * `recent` refreshes the TTL; a miss (expiry, eviction, FLUSHDB, restart) returns None and the caller
   rebuilds from the database with `replace`, again one atomic script.
 * A streaming reply is appended once, when it has settled, so no half-written copy is ever left.
@@ -18,6 +24,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import orjson
@@ -27,6 +34,14 @@ from pydantic import BaseModel, ConfigDict
 from companion.cache import keys
 from companion.cache.redis import RedisBackend
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def stamp(moment: datetime) -> str:
+    """A message's place in its conversation's timeline as kept in the buffer: its `created_at` in
+    microseconds since the epoch, as a string (compared exactly, also in Lua)."""
+    return str((moment - _EPOCH) // timedelta(microseconds=1))
+
 
 class BufferedMessage(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -34,6 +49,7 @@ class BufferedMessage(BaseModel):
     id: int
     role: str
     content: str
+    at: str | None = None  # `stamp(created_at)`; None (unknown) never matches an expected stamp
 
 
 class ConversationBuffer(Protocol):
@@ -45,9 +61,10 @@ class ConversationBuffer(Protocol):
         """Rebuild the buffer from the database's newest messages (oldest first)."""
         ...
 
-    async def append(self, conversation_id: uuid.UUID, message: BufferedMessage) -> bool:
-        """Add a newer message if the buffer exists; otherwise (or out of order) drop it. True if
-        the message is now in the buffer."""
+    async def append(self, conversation_id: uuid.UUID, message: BufferedMessage, *, after: str | None = None) -> bool:
+        """Add a newer message if the buffer exists and, when `after` is given, its newest entry has
+        that stamp (the message stored just before this one); otherwise (or out of order) drop it.
+        True if the message is now in the buffer."""
         ...
 
     async def drop(self, conversation_id: uuid.UUID) -> None: ...
@@ -57,10 +74,13 @@ _APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local last = redis.call('LINDEX', KEYS[1], -1)
 if last then
-  local last_id = cjson.decode(last)['id']
+  local newest = cjson.decode(last)
   local new_id = tonumber(ARGV[2])
-  if last_id == new_id then return 1 end
-  if last_id > new_id then redis.call('DEL', KEYS[1]) return -1 end
+  if newest['id'] == new_id then return 1 end
+  if newest['id'] > new_id or (ARGV[5] ~= '' and newest['at'] ~= ARGV[5]) then
+    redis.call('DEL', KEYS[1])
+    return -1
+  end
 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
@@ -86,7 +106,7 @@ return items
 
 
 def _encode(message: BufferedMessage) -> bytes:
-    return orjson.dumps({"id": message.id, "role": message.role, "content": message.content})
+    return orjson.dumps({"id": message.id, "role": message.role, "content": message.content, "at": message.at})
 
 
 class RedisConversationBuffer:
@@ -113,11 +133,10 @@ class RedisConversationBuffer:
         encoded = [_encode(m) for m in messages[-self.max_messages :]]
         await self._backend.run(lambda: self._replace(keys=[key], args=[self.max_messages, self._ttl_ms, *encoded]))
 
-    async def append(self, conversation_id: uuid.UUID, message: BufferedMessage) -> bool:
+    async def append(self, conversation_id: uuid.UUID, message: BufferedMessage, *, after: str | None = None) -> bool:
         key = keys.conversation_buffer(conversation_id)
-        result = await self._backend.run(
-            lambda: self._append(keys=[key], args=[_encode(message), message.id, self.max_messages, self._ttl_ms])
-        )
+        args: list[bytes | str | int] = [_encode(message), message.id, self.max_messages, self._ttl_ms, after or ""]
+        result = await self._backend.run(lambda: self._append(keys=[key], args=args))
         return int(result) == 1
 
     async def drop(self, conversation_id: uuid.UUID) -> None:
@@ -169,13 +188,13 @@ class MemoryConversationBuffer:
     async def replace(self, conversation_id: uuid.UUID, messages: Sequence[BufferedMessage]) -> None:
         self._store(conversation_id, list(messages))
 
-    async def append(self, conversation_id: uuid.UUID, message: BufferedMessage) -> bool:
+    async def append(self, conversation_id: uuid.UUID, message: BufferedMessage, *, after: str | None = None) -> bool:
         messages = self._live(conversation_id)
         if messages is None:
             return False
         if messages and messages[-1].id == message.id:
             return True
-        if messages and messages[-1].id > message.id:
+        if messages and (messages[-1].id > message.id or (after is not None and messages[-1].at != after)):
             self._data.pop(conversation_id, None)
             return False
         self._store(conversation_id, [*messages, message])

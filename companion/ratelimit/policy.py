@@ -39,7 +39,11 @@ class RateLimited(CompanionError):
         body["error"]["retry_after"] = max(round(self.retry_after, 3), 0.001)
         if self.decision is not None:
             limit = self.decision.limit
-            body["error"]["limit"] = {"policy": limit.name, "limit": limit.limit, "window_seconds": limit.period_seconds}
+            body["error"]["limit"] = {
+                "policy": limit.name,
+                "limit": limit.limit,
+                "window_seconds": limit.period_seconds,
+            }
         return body
 
     def headers(self) -> dict[str, str]:

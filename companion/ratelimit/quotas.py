@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from companion.cache import keys
 from companion.cache.backend import CacheBackend, CacheUnavailable
 from companion.cache.redis import RedisBackend
+from companion.ratelimit.policy import RateLimited
 from companion.storage.database import Database
 from companion.storage.models import Conversation, Message
 from companion.types import Clock, utcnow
@@ -93,7 +94,8 @@ class TokenQuotas:
         self.daily = daily
         self.monthly = monthly
         self._clock = clock
-        self._charge = backend.client.register_script(_CHARGE) if isinstance(backend, RedisBackend) else None
+        self._redis = backend if isinstance(backend, RedisBackend) else None
+        self._charge = self._redis.client.register_script(_CHARGE) if self._redis is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -153,6 +155,21 @@ class TokenQuotas:
                 return state
         return None
 
+    async def enforce(self, user_id: uuid.UUID) -> None:
+        """Raise RateLimited (429 `token_quota_exceeded`, Retry-After until the window renews, on
+        this service's clock) when a window is used up; for callers that must refuse before they
+        store anything (the OpenAI route, which may create a conversation first)."""
+        exceeded = await self.check(user_id)
+        if exceeded is None:
+            return
+        window = exceeded.window
+        raise RateLimited(
+            f"Your {window.name} token quota ({window.quota} tokens) is used up; it renews at "
+            f"{window.end.isoformat()}.",
+            retry_after=max((window.end - self._clock()).total_seconds(), 1.0),
+            code="token_quota_exceeded",
+        )
+
     async def charge(self, user_id: uuid.UUID, tokens: int) -> None:
         """Add a stored reply's real token usage to every window (call after the reply is saved:
         a counter rebuilt from the database then already includes it)."""
@@ -163,12 +180,12 @@ class TokenQuotas:
             ttl_ms = int(((window.end - self._clock()).total_seconds() + 3600) * 1000)
 
             async def add(backend: CacheBackend, key: str = key, window: Window = window, ttl_ms: int = ttl_ms) -> int:
-                if self._charge is not None and backend is self._backend:
-                    script = self._charge
-                    value = int(await self._backend.run(lambda: script(keys=[key], args=[tokens, -1, ttl_ms])))
+                redis, script = self._redis, self._charge
+                if redis is not None and script is not None and backend is redis:
+                    value = int(await redis.run(lambda: script(keys=[key], args=[tokens, -1, ttl_ms])))
                     if value == -1:
                         total = await self._used_in_database(user_id, window)
-                        value = int(await self._backend.run(lambda: script(keys=[key], args=[tokens, total, ttl_ms])))
+                        value = int(await redis.run(lambda: script(keys=[key], args=[tokens, total, ttl_ms])))
                     return value
                 current = await backend.get(key)
                 if current is None:
@@ -182,4 +199,9 @@ class TokenQuotas:
 
     async def reset(self, user_id: uuid.UUID) -> None:
         for window in windows(self._clock(), self.daily, self.monthly):
-            await self._with_backend(lambda backend, w=window: backend.delete(self._key(user_id, w)))
+            key = self._key(user_id, window)
+
+            async def delete(backend: CacheBackend, key: str = key) -> int:
+                return await backend.delete(key)
+
+            await self._with_backend(delete)
