@@ -51,7 +51,10 @@ class LiveServer:
 
 
 async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline for tests, not a cancellation scope
+    what: str = "condition",
 ) -> None:
     """Poll `condition` until it holds, failing after `timeout` seconds: no sleep-and-hope."""
     loop = asyncio.get_running_loop()
