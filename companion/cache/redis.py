@@ -40,7 +40,7 @@ def make_client(
     health_check_interval: int = 15,
     client_name: str = "companion",
 ) -> aioredis.Redis:
-    """A client for `redis://`, `rediss://` (TLS) and `redis://user:password@` (ACL) URLs.
+    """A client for `redis://`, `rediss://` (TLS) and `redis://USER:<password>@` (ACL) URLs.
 
     The pool blocks (up to the connect timeout) when all `max_connections` are busy, instead of
     failing at once: a burst of requests queues briefly rather than tripping the circuit breaker.

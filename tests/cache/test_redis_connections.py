@@ -81,7 +81,7 @@ async def test_a_wrong_password_is_cache_unavailable(password_server: RedisServe
 
 
 async def test_an_acl_user_without_dangerous_commands_can_run_everything_the_app_needs(acl_server: RedisServer) -> None:
-    assert acl_server.url.startswith("redis://app:app-pw@")
+    assert acl_server.url.startswith(f"redis://app:{acl_server.password}@")
     backend = _backend(acl_server.url)
     try:
         await _exercise(backend)
