@@ -56,7 +56,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _json(error.status_code, error_body(str(error.detail), "invalid_request_error", code), error.headers)
+        return _json(
+            error.status_code,
+            error_body(str(error.detail), "invalid_request_error", code),
+            dict(error.headers or {}) or None,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ metrics, tiers and failure handling live above them (`companion.cache.tiered`). 
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -44,7 +45,7 @@ class CacheBackend(Protocol):
 
     async def srem(self, key: str, member: str) -> None: ...
 
-    async def smembers(self, key: str) -> set[str]: ...
+    async def smembers(self, key: str) -> builtins.set[str]: ...
 
     async def delete_matching(self, pattern: str) -> int:
         """Delete keys matching a glob pattern inside our prefix (SCAN + UNLINK on Redis)."""

@@ -3,6 +3,7 @@ with TTLs on an injected monotonic clock, bounded by entry count (least recently
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import time
 from collections import OrderedDict
@@ -102,7 +103,7 @@ class MemoryBackend:
         if isinstance(value, set):
             value.discard(member)
 
-    async def smembers(self, key: str) -> set[str]:
+    async def smembers(self, key: str) -> builtins.set[str]:
         value = self._live(key)
         return set(value) if isinstance(value, set) else set()
 

@@ -4,6 +4,7 @@ through a circuit breaker, and any Redis error surfaces as `CacheUnavailable`.""
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -91,12 +92,12 @@ class RedisBackend:
         return result
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(key))  # type: ignore[no-any-return]
+        return await self._call(lambda: self.client.get(key))  # type: ignore[arg-type,return-value]
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        return await self._call(lambda: self.client.mget(list(keys)))  # type: ignore[no-any-return]
+        return await self._call(lambda: self.client.mget(list(keys)))  # type: ignore[arg-type,return-value]
 
     async def set(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:
         px = int(ttl_seconds * 1000) if ttl_seconds is not None else None
@@ -136,7 +137,7 @@ class RedisBackend:
     async def srem(self, key: str, member: str) -> None:
         await self._call(lambda: self.client.srem(key, member))
 
-    async def smembers(self, key: str) -> set[str]:
+    async def smembers(self, key: str) -> builtins.set[str]:
         members = await self._call(lambda: self.client.smembers(key))
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 

@@ -34,7 +34,7 @@ T = TypeVar("T")
 MAX_PENDING = 10_000
 
 
-class Codec(Protocol[T]):  # type: ignore[misc]
+class Codec(Protocol[T]):
     def encode(self, value: T) -> bytes: ...
 
     def decode(self, data: bytes) -> T: ...
@@ -96,11 +96,11 @@ class TieredCache:
             if value is not MISSING:
                 stats.l1_hits += 1
                 stats.observe(time.perf_counter() - started)
-                return None if value is ABSENT else value  # type: ignore[no-any-return]
+                return None if value is ABSENT else value
         inflight = self._inflight.get(key)
         if inflight is not None:
             try:
-                return await asyncio.shield(inflight)  # type: ignore[no-any-return]
+                return await asyncio.shield(inflight)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not inflight.cancelled() or (task is not None and task.cancelling()):

@@ -3,6 +3,7 @@ indistinguishable from ids that do not exist (NotFound)."""
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -148,7 +149,7 @@ class ConversationService:
         limit: int = 50,
         before: int | None = None,
         after: int | None = None,
-    ) -> tuple[list[MessageOut], bool]:
+    ) -> tuple[builtins.list[MessageOut], bool]:
         """A page of messages in chronological order: the newest `limit` by default, those older than
         `before`, or those newer than `after`. Raises NotFound for another user's conversation."""
         await self.get(user_id, conversation_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -125,7 +126,7 @@ class RedisTurnLock:
             if token is None:
                 continue
             try:
-                await self._backend.run(lambda lease=lease, token=token: self._release(keys=[lease], args=[token]))
+                await self._backend.run(functools.partial(self._release, keys=[lease], args=[token]))
             except CacheUnavailable:
                 return
             self._unreleased.pop(lease, None)

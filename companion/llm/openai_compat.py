@@ -43,9 +43,9 @@ class OpenAICompatibleProvider:
         usage: Usage | None = None
         finish_reason: str | None = None
         try:
-            response = await self._client.chat.completions.create(
+            response = await self._client.chat.completions.create(  # type: ignore[call-overload]
                 model=self.model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],  # type: ignore[misc]
+                messages=[{"role": m.role, "content": m.content} for m in messages],
                 stream=True,
                 max_tokens=params.max_tokens,
                 temperature=params.temperature,

@@ -9,7 +9,9 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -20,6 +22,7 @@ from companion.errors import NotFound
 from companion.types import Clock, utcnow
 
 TOKEN_PREFIX = "cms_"
+T = TypeVar("T")
 
 
 class SessionInfo(BaseModel):
@@ -63,7 +66,7 @@ class SessionService:
         self.ttl_seconds = ttl_seconds
         self._clock = clock
 
-    async def _with_fallback(self, operation):  # type: ignore[no-untyped-def]
+    async def _with_fallback(self, operation: Callable[[CacheBackend], Awaitable[T]]) -> T:
         try:
             return await operation(self._backend)
         except CacheUnavailable:
@@ -120,7 +123,7 @@ class SessionService:
 
     async def list(self, user_id: uuid.UUID) -> list[SessionInfo]:
         async def read(backend: CacheBackend) -> list[SessionInfo]:
-            ids = sorted(await backend.smembers(keys.session_index(user_id)))
+            ids: list[str] = sorted(await backend.smembers(keys.session_index(user_id)))
             values = await backend.mget([keys.session(user_id, i) for i in ids])
             sessions = []
             for session_id, data in zip(ids, values, strict=True):
