@@ -96,17 +96,21 @@ def done_payload(event: DoneEvent) -> dict[str, Any]:
         "user_message_id": event.user_message_id,
         "content": event.content,
         "finish_reason": event.finish_reason,
-        "usage": {
-            "prompt_tokens": event.usage.prompt_tokens,
-            "completion_tokens": event.usage.completion_tokens,
-            "total_tokens": event.usage.total_tokens,
-        },
+        "usage": event.usage.as_dict(),
     }
 
 
 async def first_event(events: AsyncIterator[ChatEvent]) -> ChatEvent:
     """Wait for the first event so that a provider that fails at once yields a 502/504, not a 200."""
     return await anext(events)
+
+
+async def last_event(first: ChatEvent, events: AsyncIterator[ChatEvent]) -> ChatEvent:
+    """Drain a turn that is not streamed to the client; its last event is the outcome."""
+    event = first
+    async for event in events:  # noqa: B007 - only the last one matters
+        pass
+    return event
 
 
 def error_response(error: CompanionError) -> JSONResponse:
@@ -133,7 +137,7 @@ async def post_message(
 
 
 async def _collect(first: ChatEvent, events: AsyncIterator[ChatEvent]) -> Response:
-    event = [first, *[e async for e in events]][-1]
+    event = await last_event(first, events)
     if isinstance(event, ErrorEvent):
         return error_response(event.error)
     assert isinstance(event, DoneEvent)

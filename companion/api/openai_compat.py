@@ -20,7 +20,7 @@ from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from companion.api.conversations import error_response, first_event
+from companion.api.conversations import error_response, first_event, last_event
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
 from companion.chat.service import ChatEvent, DoneEvent, ErrorEvent, TokenEvent, Turn
@@ -129,7 +129,7 @@ async def chat_completions(
 async def _complete(
     turn: Turn, model: str, first: ChatEvent, events: AsyncIterator[ChatEvent], headers: dict[str, str]
 ) -> Response:
-    event = [first, *[e async for e in events]][-1]
+    event = await last_event(first, events)
     if isinstance(event, ErrorEvent):
         return error_response(event.error)
     assert isinstance(event, DoneEvent)
@@ -146,11 +146,7 @@ async def _complete(
                 "finish_reason": event.finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": event.usage.prompt_tokens,
-            "completion_tokens": event.usage.completion_tokens,
-            "total_tokens": event.usage.total_tokens,
-        },
+        "usage": event.usage.as_dict(),
     }
     return JSONResponse(body, headers=headers)
 
@@ -183,12 +179,7 @@ async def _stream(
             elif isinstance(event, DoneEvent):
                 yield chunk({}, event.finish_reason)
                 if include_usage:
-                    usage = {
-                        "prompt_tokens": event.usage.prompt_tokens,
-                        "completion_tokens": event.usage.completion_tokens,
-                        "total_tokens": event.usage.total_tokens,
-                    }
-                    yield chunk(None, usage=usage)  # type: ignore[arg-type]
+                    yield chunk(None, usage=event.usage.as_dict())  # type: ignore[arg-type]
             elif isinstance(event, ErrorEvent):
                 # OpenAI's own convention for a failure mid-stream; its client raises APIError.
                 yield sse_event(None, event.error.to_body())
