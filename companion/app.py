@@ -10,7 +10,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from companion import __version__
-from companion.api import conversations, health, metrics, openai_compat, personalities, preferences, sessions
+from companion.api import (
+    conversations,
+    health,
+    memories,
+    metrics,
+    openai_compat,
+    personalities,
+    preferences,
+    sessions,
+)
 from companion.api.errors import BodySizeLimit, install_error_handlers
 from companion.api.ratelimit import RateLimitMiddleware
 from companion.config import Settings, load_settings
@@ -46,7 +55,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RateLimitMiddleware)
-    for module in (health, metrics, personalities, preferences, conversations, sessions, openai_compat):
+    for module in (health, metrics, personalities, preferences, conversations, memories, sessions, openai_compat):
         app.include_router(module.router)
     logging.getLogger("companion").setLevel(settings.log_level)
     return app

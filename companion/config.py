@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
     stream_flush_interval_seconds: float = Field(default=0.25, gt=0, le=10)
 
+    memory_enabled: bool = True
+    memory_extractor: Literal["auto", "rules", "llm", "both"] = "auto"
+    memory_embedding_threads: int = Field(default=1, ge=1, le=64)
+    memory_top_k: int = Field(default=5, ge=1, le=50)
+    memory_recent: int = Field(default=2, ge=0, le=50)
+    memory_min_score: float = Field(default=0.3, ge=-1.0, le=1.0)
+    memory_dedupe_threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+    memory_retrieval_deadline_ms: float = Field(default=50, gt=0, le=60_000)
+    memory_token_budget: int = Field(default=200, ge=0, le=8192)
+    memory_max_per_user: int = Field(default=10_000, ge=1, le=1_000_000)
+    cache_memory_search_ttl_seconds: float = Field(default=300, gt=0)
+
     @field_validator("llm_base_url")
     @classmethod
     def _base_url_is_http(cls, value: str | None) -> str | None:

@@ -25,6 +25,9 @@ from companion.conversations.service import ConversationService
 from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
 from companion.llm.base import LLMProvider
 from companion.llm.factory import build_provider
+from companion.memory.embedder import Embedder, OnnxEmbedder
+from companion.memory.service import MemoryConfig, MemoryService
+from companion.memory.store import SqlVectorStore
 from companion.personalities.cached import CachedPersonalityService
 from companion.preferences.cached import CachedPreferenceService
 from companion.ratelimit.limiter import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -50,7 +53,7 @@ class Services:
     clock: Clock
     cache: TieredCache
     sessions: SessionService
-    memory_search: MemorySearchCache
+    memories: MemoryService
     summarizer: Summarizer
     buffer: ConversationBuffer
     rate_limits: RateLimitService
@@ -59,7 +62,14 @@ class Services:
     listener: InvalidationListener | None = None
 
     @classmethod
-    def build(cls, settings: Settings, *, provider: LLMProvider | None = None, clock: Clock = utcnow) -> Services:
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        provider: LLMProvider | None = None,
+        clock: Clock = utcnow,
+        embedder: Embedder | None = None,
+    ) -> Services:
         database = Database(
             settings.resolved_database_url,
             connect_timeout=settings.database_connect_timeout_seconds,
@@ -159,12 +169,35 @@ class Services:
             batch=settings.summary_batch,
             clock=clock,
         )
+        extractor = settings.memory_extractor
+        if extractor == "auto":
+            # A 135M local model extracts facts poorly and would hold the model between turns.
+            extractor = "both" if settings.llm_provider == "openai" else "rules"
+        embedder = embedder or OnnxEmbedder(threads=settings.memory_embedding_threads)
+        memories = MemoryService(
+            SqlVectorStore(database, model_id=embedder.model_id, dimensions=embedder.dimensions),
+            embedder,
+            MemorySearchCache(backend, stats=cache.stats, ttl_seconds=settings.cache_memory_search_ttl_seconds),
+            provider=provider,
+            config=MemoryConfig(
+                enabled=settings.memory_enabled,
+                extractor=extractor,
+                top_k=settings.memory_top_k,
+                recent=settings.memory_recent,
+                min_score=settings.memory_min_score,
+                dedupe_threshold=settings.memory_dedupe_threshold,
+                deadline_seconds=settings.memory_retrieval_deadline_ms / 1000,
+                max_per_user=settings.memory_max_per_user,
+            ),
+            clock=clock,
+        )
         context = ContextAssembler(
             conversations=conversations,
             personalities=personalities,
             preferences=preferences,
             buffer=buffer,
             summarizer=summarizer,
+            memories=memories,
             cache=cache,
             window=settings.short_term_memory_size,
         )
@@ -182,6 +215,7 @@ class Services:
                 temperature=settings.llm_temperature,
                 repeat_penalty=settings.llm_repeat_penalty,
                 flush_interval_seconds=settings.stream_flush_interval_seconds,
+                memory_tokens=settings.memory_token_budget,
             ),
         )
         return cls(
@@ -196,7 +230,7 @@ class Services:
             clock=clock,
             cache=cache,
             sessions=sessions,
-            memory_search=MemorySearchCache(backend, stats=cache.stats),
+            memories=memories,
             rate_limits=rate_limits,
             quotas=quotas,
             summarizer=summarizer,
@@ -216,9 +250,11 @@ class Services:
             self.listener.start()
         if load_model:
             await self.provider.start()
+            await self.memories.start()
 
     async def aclose(self) -> None:
         await self.summarizer.wait_idle()
+        await self.memories.aclose()
         if self.listener is not None:
             await self.listener.aclose()
         await self.cache.backend.aclose()

@@ -96,6 +96,8 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: object) -> Set
         "redis_enabled": False,
         # Tests make many requests from one address; the rate-limit tests turn limits on themselves.
         "rate_limit_enabled": False,
+        # A shared two-core machine can stall any request; the deadline's own test sets it low.
+        "memory_retrieval_deadline_ms": 10_000,
     }
     values.update(overrides)
     return load_settings(**values)

@@ -1,11 +1,14 @@
-"""The memory-search cache: retrieval results keyed by user, conversation and normalized query,
-under a per-user generation counter. Any new or deleted memory bumps the generation, so every
-earlier result becomes unreachable at once (no TTL wait); old entries simply expire. A bump that
-cannot reach Redis is replayed when it is back; until then this instance bypasses the cache."""
+"""The memory-search cache: retrieval results keyed by user, memory generation, conversation and
+normalized query.
+
+The generation is the user's `memory_generation` column, which the database bumps in the same
+transaction as any memory that is added, changed or deleted, and which the caller reads from the
+database before each search. So a result cached before a change is unreachable the moment the change
+commits, on every instance, whatever Redis did meanwhile (an outage, a restart with old data, a lost
+message): a deleted memory can never come back from this cache. Old entries simply expire."""
 
 from __future__ import annotations
 
-import logging
 import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,7 +19,6 @@ from companion.cache.backend import CacheBackend, CacheUnavailable
 from companion.cache.stats import CacheStats
 from companion.cache.tiered import Codec
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -30,24 +32,19 @@ class MemorySearchCache:
         self._backend = backend
         self._stats = stats["memsearch"]
         self.ttl_seconds = ttl_seconds
-        self._pending_bumps: set[uuid.UUID] = set()
 
     async def get_or_search(
         self,
         user_id: uuid.UUID,
+        generation: int,
         conversation_id: uuid.UUID | None,
         query: str,
         search: Callable[[], Awaitable[T]],
         codec: Codec[T],
     ) -> T:
-        if user_id in self._pending_bumps:
-            await self._replay(user_id)
-        if user_id in self._pending_bumps:
-            self._stats.errors += 1
-            return await search()
+        """`generation`: the user's memory generation, read from the database before calling."""
+        key = keys.memory_search(user_id, generation, conversation_id, normalize_query(query))
         try:
-            generation = int(await self._backend.get(keys.memory_generation(user_id)) or 0)
-            key = keys.memory_search(user_id, generation, conversation_id, normalize_query(query))
             data = await self._backend.get(key)
         except CacheUnavailable:
             self._stats.errors += 1
@@ -62,18 +59,3 @@ class MemorySearchCache:
         except CacheUnavailable:
             self._stats.errors += 1
         return result
-
-    async def memories_changed(self, user_id: uuid.UUID) -> None:
-        """Call after any memory of the user is added, changed or deleted."""
-        try:
-            await self._backend.incr(keys.memory_generation(user_id))
-        except CacheUnavailable:
-            logger.warning("memory-search generation bump deferred until Redis is reachable")
-            self._pending_bumps.add(user_id)
-
-    async def _replay(self, user_id: uuid.UUID) -> None:
-        try:
-            await self._backend.incr(keys.memory_generation(user_id))
-            self._pending_bumps.discard(user_id)
-        except CacheUnavailable:
-            pass

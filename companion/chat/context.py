@@ -1,5 +1,5 @@
 """Context assembly: everything read before the model is called (personality, preferences, the
-running summary and the recent messages), from the caches, with the database as the fallback for
+running summary, the recent messages and the long-term memories), from the caches, with the database as the fallback for
 each. The recent messages come from the conversation buffer; a miss rebuilds it from the database,
 and a buffer that could not be updated is dropped (now or, if Redis is down, on recovery), so it can
 only ever be missing, never wrong. Another instance may reach Redis before that drop (or Redis may
@@ -18,6 +18,7 @@ from companion.chat.summary import Summarizer
 from companion.conversations.buffer import BufferedMessage, ConversationBuffer, stamp
 from companion.conversations.schemas import ConversationOut
 from companion.conversations.service import ConversationService
+from companion.memory.service import MemoryService
 from companion.personalities.schemas import PersonalityOut
 from companion.personalities.service import PersonalityService
 from companion.preferences.schemas import Preferences
@@ -41,6 +42,7 @@ class ContextAssembler:
         preferences: PreferenceService,
         buffer: ConversationBuffer,
         summarizer: Summarizer | None,
+        memories: MemoryService | None = None,
         cache: TieredCache,
         window: int,
     ) -> None:
@@ -49,6 +51,7 @@ class ContextAssembler:
         self._preferences = preferences
         self._buffer = buffer
         self._summarizer = summarizer
+        self.memories = memories
         self._cache = cache
         self.window = window
 
@@ -104,6 +107,17 @@ class ContextAssembler:
         found = await self._summarizer.latest(conversation_id)
         return found.content if found else None
 
+    async def recall(self, user_id: uuid.UUID, preferences: Preferences, query: str) -> list[str]:
+        """Long-term memories for the prompt (none if the user turned memory off)."""
+        if self.memories is None or not preferences.memory_enabled:
+            return []
+        return [memory.text for memory in await self.memories.recall(user_id, query)]
+
     def after_turn(self, conversation_id: uuid.UUID, history_length: int) -> None:
         if self._summarizer is not None and history_length >= self.window:
             self._summarizer.schedule(conversation_id)
+
+    def learn(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, content: str) -> None:
+        """Extract long-term memories from the user's message, in the background."""
+        if self.memories is not None:
+            self.memories.schedule_extraction(user_id, conversation_id, message_id, content)

@@ -32,6 +32,17 @@ def system_prompt(personality: PersonalityOut, preferences: Preferences) -> str:
     return " ".join(parts)
 
 
+def _within(memories: Sequence[str], budget: int) -> list[str]:
+    kept: list[str] = []
+    for memory in memories:
+        cost = estimate_tokens(memory) + 1
+        if cost > budget:
+            break
+        kept.append(memory)
+        budget -= cost
+    return kept
+
+
 class Turnlike(Protocol):
     @property
     def role(self) -> str: ...
@@ -47,10 +58,18 @@ def build_prompt(
     *,
     token_budget: int,
     summary: str | None = None,
+    memories: Sequence[str] = (),
+    memory_budget: int = 200,
 ) -> list[ChatMessage]:
     """`history` is oldest first and ends with the new user message, which is always kept. The
-    running summary of older messages (if any) follows the system prompt."""
+    long-term memories (most relevant first, as many as fit in `memory_budget` tokens) and the
+    running summary of older messages follow the system prompt."""
     text = system_prompt(personality, preferences)
+    remembered = _within(memories, memory_budget)
+    if remembered:
+        text += "\n\nWhat you remember about the user from earlier conversations (use it when relevant):\n" + "\n".join(
+            f"- {memory}" for memory in remembered
+        )
     if summary:
         text += "\n\nSummary of the earlier conversation:\n" + summary
     system = ChatMessage("system", text)

@@ -44,6 +44,7 @@ class ChatLimits:
     temperature: float = 0.7
     repeat_penalty: float = 1.1
     flush_interval_seconds: float = 0.25
+    memory_tokens: int = 200
 
 
 async def _nothing() -> None:
@@ -65,6 +66,7 @@ class Turn:
     params: GenerationParams
     release: Callable[[], Awaitable[None]] = _nothing
     history_length: int = 0
+    learn: bool = False  # extract long-term memories from the user's message afterwards
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class ChatService:
             )
             history = await self._context.history(conversation.id, newest, after=stamp(current.updated_at))
             summary = await self._context.summary(conversation.id)
+            memories = await self._context.recall(user_id, preferences, content)
         except BaseException:
             await held.aclose()
             raise
@@ -189,8 +192,19 @@ class ChatService:
             history,
             token_budget=self.limits.context_tokens - params.max_tokens,
             summary=summary,
+            memories=memories,
+            memory_budget=self.limits.memory_tokens,
         )
-        return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history))
+        return Turn(
+            user_id,
+            conversation,
+            user_message,
+            prompt,
+            params,
+            held.aclose,
+            len(history),
+            learn=preferences.memory_enabled,
+        )
 
     async def _check_quota(self, user_id: uuid.UUID) -> None:
         if self._quotas is not None and self._quotas.enabled:
@@ -241,6 +255,8 @@ class ChatService:
             with anyio.CancelScope(shield=True):
                 await turn.release()
         self._context.after_turn(turn.conversation.id, turn.history_length + 1)
+        if turn.learn:
+            self._context.learn(turn.user_id, turn.conversation.id, turn.user_message.id, turn.user_message.content)
         if failure is not None:
             yield failure
             return

@@ -1,6 +1,6 @@
-"""The memory-search cache: results are reused until the user's memories change (a generation
-bump, seen by the very next search), queries that mean the same share an entry, and with Redis down
-searches go straight to the store, and a bump made meanwhile is applied before any cached read."""
+"""The memory-search cache: results are reused until the user's memory generation (read from the
+database) changes, queries that mean the same share an entry, and with Redis down, or back with old
+data, searches go straight to the store or miss: a result from before a change is never served."""
 
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ class Store:
         return Results(memories=list(self.memories))
 
 
-async def _search(cache: MemorySearchCache, store: Store, query: str = "what do I like?", **where: object) -> Results:
+async def _search(
+    cache: MemorySearchCache, store: Store, query: str = "what do I like?", *, generation: int = 0, **where: object
+) -> Results:
     user = where.get("user", ALICE)
     conversation = where.get("conversation")
-    return await cache.get_or_search(user, conversation, query, store.search, CODEC)  # type: ignore[arg-type]
+    return await cache.get_or_search(user, generation, conversation, query, store.search, CODEC)  # type: ignore[arg-type]
 
 
 def _cache(case: BackendCase) -> MemorySearchCache:
@@ -55,28 +57,27 @@ def _cache(case: BackendCase) -> MemorySearchCache:
 async def test_a_cached_result_is_returned_without_searching_again(cache_backend: BackendCase) -> None:
     cache, store = _cache(cache_backend), Store("likes tea")
     assert await _search(cache, store) == Results(memories=["likes tea"])
-    store.memories.append("likes cats")  # not through memories_changed: the cache cannot know
+    store.memories.append("likes cats")  # without a new generation: the cache cannot know
     assert await _search(cache, store) == Results(memories=["likes tea"])
     assert store.searches == 1
 
 
-async def test_memories_changed_makes_the_very_next_search_run_again(cache_backend: BackendCase) -> None:
+async def test_a_new_generation_makes_the_very_next_search_run_again(cache_backend: BackendCase) -> None:
     cache, store = _cache(cache_backend), Store("likes tea", "lives in Oslo")
     await _search(cache, store)
     await _search(cache, store, conversation=CONVERSATION)
-    store.memories.remove("lives in Oslo")  # a memory deleted...
-    await cache.memories_changed(ALICE)  # ...and announced
-    assert await _search(cache, store) == Results(memories=["likes tea"])
-    assert await _search(cache, store, conversation=CONVERSATION) == Results(memories=["likes tea"])
+    store.memories.remove("lives in Oslo")  # a memory deleted: the database bumps the generation
+    assert await _search(cache, store, generation=1) == Results(memories=["likes tea"])
+    assert await _search(cache, store, generation=1, conversation=CONVERSATION) == Results(memories=["likes tea"])
     assert store.searches == 4
 
 
-async def test_one_users_change_leaves_other_users_results_cached(cache_backend: BackendCase) -> None:
+async def test_one_users_generation_does_not_touch_other_users_results(cache_backend: BackendCase) -> None:
     cache, store = _cache(cache_backend), Store("x")
     await _search(cache, store, user=BOB)
-    await cache.memories_changed(ALICE)
+    await _search(cache, store, user=ALICE, generation=5)
     await _search(cache, store, user=BOB)
-    assert store.searches == 1
+    assert store.searches == 2
 
 
 async def test_users_conversations_and_queries_have_separate_entries(cache_backend: BackendCase) -> None:
@@ -163,49 +164,29 @@ async def test_with_redis_down_searches_run_directly(redis_server: RedisServer, 
         for _ in range(5):
             assert await _search(cache, store) == Results(memories=["likes tea"])
         assert store.searches == 5
-        await cache.memories_changed(ALICE)  # no exception either
-        assert await _search(cache, store) == Results(memories=["likes tea"])
         assert cache._stats.errors >= 5
     finally:
         await cache._backend.aclose()
 
 
-@pytest.mark.parametrize("failures", [1, 3], ids=["circuit-opened", "circuit-stayed-closed"])
-async def test_a_bump_made_while_redis_was_down_is_applied_before_any_cached_read(
-    redis_server: RedisServer, redis_url: str, failures: int
+async def test_redis_back_with_old_results_never_serves_a_deleted_memory(
+    redis_server: RedisServer, redis_url: str
 ) -> None:
-    """A memory deleted during an outage must never come back from the cache afterwards."""
+    """A memory deleted during an outage must never come back from the cache afterwards, even when
+    Redis restarts with the results it held before: the generation comes from the database."""
     clock = FakeClock()
-    cache = _redis_cache(redis_url, failure_threshold=failures, reset_seconds=2.0, clock=clock)
+    cache = _redis_cache(redis_url, failure_threshold=1, reset_seconds=2.0, clock=clock)
     store = Store("likes tea", "secret I asked you to forget")
     try:
         assert "secret I asked you to forget" in (await _search(cache, store)).memories
         redis_server.stop(keep_data=True)  # Redis comes back with the old results in it
-        store.memories.remove("secret I asked you to forget")
-        await cache.memories_changed(ALICE)
-        assert await _search(cache, store) == Results(memories=["likes tea"])  # down: searched directly
+        store.memories.remove("secret I asked you to forget")  # deleted: generation 0 -> 1
+        assert await _search(cache, store, generation=1) == Results(memories=["likes tea"])
         redis_server.start()
         clock.advance(2.0)
-        assert await _search(cache, store) == Results(memories=["likes tea"])
-        assert await _search(cache, store) == Results(memories=["likes tea"])
-        assert store.searches == 3  # cached again once the bump was applied
-    finally:
-        await cache._backend.aclose()
-
-
-async def test_while_a_bump_is_pending_the_users_searches_bypass_the_cache(
-    redis_server: RedisServer, redis_url: str
-) -> None:
-    cache = _redis_cache(redis_url, failure_threshold=1)
-    store = Store("x")
-    try:
-        await _search(cache, store, user=BOB)
-        redis_server.stop()
-        await cache.memories_changed(ALICE)
-        redis_server.start()  # but the breaker stays open (its clock does not move)
-        await _search(cache, store)
-        await _search(cache, store)
-        assert store.searches == 3
+        assert await _search(cache, store, generation=1) == Results(memories=["likes tea"])
+        assert await _search(cache, store, generation=1) == Results(memories=["likes tea"])
+        assert store.searches == 3  # cached again under the new generation
     finally:
         await cache._backend.aclose()
 
@@ -219,7 +200,7 @@ async def test_redis_dying_during_a_search_still_returns_its_result(redis_server
         return await store.search()
 
     try:
-        found = await cache.get_or_search(ALICE, None, "q", search_while_redis_dies, CODEC)
+        found = await cache.get_or_search(ALICE, 0, None, "q", search_while_redis_dies, CODEC)
         assert found == Results(memories=["likes tea"])
     finally:
         await cache._backend.aclose()

@@ -1,0 +1,80 @@
+"""The memories the companion keeps about the user: list, search, add, delete one, forget all.
+Deleting is immediate everywhere: the very next prompt, on any instance, no longer contains it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from companion.api.deps import ServicesDep, UserIdDep
+from companion.errors import InvalidInput
+from companion.memory.store import MemoryOut
+from companion.types import check_text
+
+router = APIRouter(prefix="/v1/memories", tags=["memories"])
+
+
+class MemoryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MemoryOut]
+
+
+class MemoryCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=300, description="A fact to remember, e.g. 'I am vegetarian.'")
+
+
+class Deleted(BaseModel):
+    deleted: int
+
+
+def _checked(value: str, param: str) -> str:
+    value = " ".join(value.split())
+    try:
+        check_text(value)
+    except ValueError as error:
+        raise InvalidInput(f"The {param} is not acceptable: {error}.", param=param) from None
+    if not value:
+        raise InvalidInput(f"The {param} is empty.", param=param)
+    return value
+
+
+@router.get("", response_model=MemoryList)
+async def list_memories(
+    user_id: UserIdDep,
+    services: ServicesDep,
+    query: Annotated[str | None, Query(max_length=1000, description="Search by meaning, best match first.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> MemoryList:
+    """Newest first; with `query`, the `limit` memories closest in meaning, each with its `score`."""
+    if query is not None:
+        return MemoryList(data=await services.memories.search(user_id, _checked(query, "query"), limit=limit))
+    return MemoryList(data=await services.memories.list(user_id, limit=limit, offset=offset))
+
+
+@router.post("", status_code=201, response_model=MemoryOut)
+async def add_memory(body: MemoryCreate, user_id: UserIdDep, services: ServicesDep) -> MemoryOut:
+    """Remember something on purpose. A near-duplicate of a kept memory updates it instead."""
+    stored = await services.memories.add(user_id, _checked(body.text, "text"))
+    if stored is None:
+        raise InvalidInput(
+            f"You have reached the maximum of {services.memories.config.max_per_user} memories; delete some first.",
+            code="too_many_memories",
+        )
+    return stored
+
+
+@router.delete("/{memory_id}", status_code=204)
+async def delete_memory(memory_id: uuid.UUID, user_id: UserIdDep, services: ServicesDep) -> Response:
+    await services.memories.delete(user_id, memory_id)
+    return Response(status_code=204)
+
+
+@router.delete("", response_model=Deleted)
+async def forget_everything(user_id: UserIdDep, services: ServicesDep) -> Deleted:
+    return Deleted(deleted=await services.memories.delete_all(user_id))

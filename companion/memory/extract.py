@@ -1,0 +1,209 @@
+"""Finding durable facts about the user in what they said.
+
+Two extractors, used together or alone (MEMORY_EXTRACTOR):
+- `rules`: deterministic patterns for the facts people state about themselves (name, where they
+  live, likes, people, pets, work, plans). A 135M local model extracts poorly; these always work.
+- `llm`: the provider is asked for a JSON list of facts; the parse tolerates code fences, prose
+  around the list, bullet lists and junk, and returns nothing rather than garbage.
+
+Facts are rewritten in the third person ("My sister lives in Berlin" → "The user's sister lives in
+Berlin"), since they are shown to the model as things it knows about the user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+from companion.errors import CompanionError
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider
+
+logger = logging.getLogger(__name__)
+
+MIN_CHARS, MAX_CHARS = 8, 300
+
+
+@dataclass(frozen=True)
+class Fact:
+    text: str
+    kind: str  # name | person | place | preference | plan | fact
+
+
+_SENTENCES = re.compile(r"[^.!?\n]+[.!?]*")
+_LEAD = re.compile(r"^(?:(?:and|also|so|well|oh|btw|by the way|actually|anyway|hey|hi|hello),?\s+)+", re.I)
+_PEOPLE = (
+    r"sister|brother|mother|mom|mum|father|dad|parents?|son|daughter|kids?|children|wife|husband|partner|"
+    r"boyfriend|girlfriend|fianc[eé]e?|friend|best friend|boss|colleague|cousin|aunt|uncle|grandma|grandpa|"
+    r"grandmother|grandfather|roommate|neighbou?r|dog|cat|puppy|kitten|pet|bird|horse"
+)
+_KINDS: list[tuple[str, re.Pattern[str]]] = [
+    ("name", re.compile(r"\b(?:my name is|call me|i am called|i'm called|my nickname is)\b", re.I)),
+    ("person", re.compile(rf"\bmy (?:\w+ )?(?:{_PEOPLE})\b|\bi have (?:a|an|two|three|\d+) (?:\w+ )?(?:{_PEOPLE})", re.I)),
+    (
+        "plan",
+        re.compile(
+            r"\b(?:i(?:'m| am) (?:going|planning|moving|flying|starting|getting|about to|leaving|visiting)|"
+            r"i plan|i will|i'll|i want to|i hope to|i'd like to|my plan|next (?:week|month|year|summer|winter)|"
+            r"tomorrow|this (?:weekend|summer|winter|fall|autumn|spring))\b",
+            re.I,
+        ),
+    ),
+    (
+        "place",
+        re.compile(
+            r"\bi (?:live|lived|grew up|was born|moved|work in|work at|study|studied)\b|\bi(?:'m| am) (?:from|based in)\b|"
+            r"\bmy (?:home|hometown|city|country|town|office|school|university)\b",
+            re.I,
+        ),
+    ),
+    (
+        "preference",
+        re.compile(
+            r"\bi (?:really |truly |absolutely |just )?(?:love|like|enjoy|adore|hate|dislike|prefer|can't stand|"
+            r"cannot stand|don't like|do not like)\b|\bmy fav(?:ou?rite)?\b|\bi(?:'m| am) (?:allergic|vegetarian|vegan|"
+            r"a fan of|into|afraid of|scared of)\b",
+            re.I,
+        ),
+    ),
+    (
+        "fact",
+        re.compile(
+            r"\bi(?:'m| am) (?:a|an|\d+|learning|studying|training|writing|building|married|engaged|single|retired)\b|"
+            r"\bi(?:'ve| have) been\b|\bi (?:work as|work for|speak|play|have|own|collect|teach|drive|ride|run|paint)\b|"
+            r"\bmy (?:birthday|job|work|age|hobby|hobbies|car|phone|degree|major)\b",
+            re.I,
+        ),
+    ),
+]
+# "I like that", "I love you": reactions to the conversation, not facts about the user.
+_REACTION = re.compile(
+    r"\bi (?:really )?(?:love|like|hate|enjoy|prefer|have) (?:it|that|this|those|these|you|your|yours|them|a question|no idea)\b"
+    r"|\bi(?:'m| am) (?:a bit |so |very )?(?:sorry|not sure|fine|ok|okay|good|great|bored|tired|confused)\b"
+    r"|\b(?:you|your)\b",
+    re.I,
+)
+_PERSON_SWAP = [
+    (re.compile(r"^i am\b|^i'm\b", re.I), "The user is"),
+    (re.compile(r"^i've\b", re.I), "The user has"),
+    (re.compile(r"^i'll\b", re.I), "The user will"),
+    (re.compile(r"^i'd\b", re.I), "The user would"),
+    (re.compile(r"^i\b", re.I), "The user"),
+    (re.compile(r"^my\b", re.I), "The user's"),
+    (re.compile(r"^call me\b", re.I), "The user wants to be called"),
+    (re.compile(r"\bi am\b|\bi'm\b", re.I), "they are"),
+    (re.compile(r"\bi've\b", re.I), "they have"),
+    (re.compile(r"\bi'll\b", re.I), "they will"),
+    (re.compile(r"\bi\b", re.I), "they"),
+    (re.compile(r"\bmy\b", re.I), "their"),
+    (re.compile(r"\bmine\b", re.I), "theirs"),
+    (re.compile(r"\bme\b", re.I), "them"),
+    (re.compile(r"\bmyself\b", re.I), "themselves"),
+]
+# Third-person verbs after "the user": "The user live" -> "The user lives".
+_VERB_AFTER_USER = re.compile(
+    r"\b([Tt]he user) (?!is\b|has\b|will\b|would\b|wants\b|does\b|was\b|did\b|had\b)([a-z]+)\b(?<!ed)"
+)
+
+
+def _third_person_verb(verb: str) -> str:
+    if verb in {"can", "could", "should", "must", "might", "may", "was", "did", "had"}:
+        return verb
+    if verb == "have":
+        return "has"
+    if verb.endswith("y") and verb[-2:-1] not in "aeiou":
+        return verb[:-1] + "ies"
+    if verb.endswith(("s", "sh", "ch", "x", "z", "o")):
+        return verb + "es"
+    return verb + "s"
+
+
+def third_person(sentence: str) -> str:
+    """Rewrite a first-person statement about the user in the third person."""
+    text = sentence.strip()
+    if not re.match(r"^(?:i|i'm|i've|i'll|i'd|my|call me)\b", text, re.I):
+        # "Next month I'm flying to Tokyo": the first "I" names the user, later ones are "they".
+        text = re.sub(r"\bi am\b|\bi'm\b", "the user is", text, count=1, flags=re.I)
+        text = re.sub(r"\bi've\b", "the user has", text, count=1, flags=re.I)
+        text = re.sub(r"\bi\b", "the user", text, count=1, flags=re.I)
+    for pattern, replacement in _PERSON_SWAP:
+        text = pattern.sub(replacement, text)
+    if re.match(r"^The user don't\b|^The user do not\b", text):
+        text = re.sub(r"^The user (?:don't|do not)\b", "The user does not", text)
+    text = _VERB_AFTER_USER.sub(lambda m: f"{m.group(1)} {_third_person_verb(m.group(2))}", text)
+    text = text[0].upper() + text[1:] if text else text
+    return text if text.endswith((".", "!")) else text + "."
+
+
+def sentences(text: str) -> list[str]:
+    return [" ".join(part.split()) for part in _SENTENCES.findall(text) if part.strip()]
+
+
+def rule_facts(message: str) -> list[Fact]:
+    """The sentences of `message` that state something durable about the user."""
+    found: list[Fact] = []
+    for raw in sentences(message):
+        sentence = _LEAD.sub("", raw).strip()
+        if sentence.endswith("?") or not (MIN_CHARS <= len(sentence) <= MAX_CHARS):
+            continue
+        if not re.search(r"\b(?:i|i'm|i've|my|me|call me)\b", sentence, re.I):
+            continue
+        kind = next((kind for kind, pattern in _KINDS if pattern.search(sentence)), None)
+        if kind is None or _REACTION.search(sentence):
+            continue
+        found.append(Fact(third_person(sentence.rstrip("!.") + "."), kind))
+    return found
+
+
+EXTRACTION_PROMPT = (
+    "You extract long-term memories. From the user's message, list the durable facts about the user "
+    "(their name, people in their life, where they live, likes and dislikes, work, plans). Write each "
+    'fact as a short sentence starting with "The user". Answer with a JSON array of strings and '
+    "nothing else; answer [] if there is none."
+)
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.+?)\s*$")
+
+
+def parse_llm_facts(output: str, *, limit: int = 5) -> list[str]:
+    """The facts in a model's answer: a JSON array (possibly fenced or wrapped in prose), or a
+    bulleted list. Anything else yields nothing."""
+    items: list[object] = []
+    start = output.find("[")
+    while start != -1 and not items:
+        end = output.find("]", start)
+        while end != -1:
+            try:
+                parsed = json.loads(output[start : end + 1])
+            except ValueError:
+                end = output.find("]", end + 1)
+                continue
+            if isinstance(parsed, list):
+                items = parsed
+            break
+        start = output.find("[", start + 1)
+    if not items:
+        items = [m.group(1) for line in output.splitlines() if (m := _BULLET.match(line))]
+    facts: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            continue
+        text = " ".join(item.split()).strip(" \"'")
+        if not (MIN_CHARS <= len(text) <= MAX_CHARS) or text.endswith("?"):
+            continue
+        if not text.lower().startswith(("the user", "user")):
+            continue
+        facts.append(text if text.endswith(".") else text + ".")
+    return facts[:limit]
+
+
+async def llm_facts(provider: LLMProvider, message: str) -> list[Fact]:
+    prompt = [ChatMessage("system", EXTRACTION_PROMPT), ChatMessage("user", message[:4000])]
+    parts: list[str] = []
+    try:
+        async for chunk in provider.stream(prompt, GenerationParams(max_tokens=160, temperature=0.0)):
+            parts.append(chunk.text)
+    except CompanionError:
+        logger.warning("LLM memory extraction failed; keeping the rule-based facts only")
+        return []
+    return [Fact(text, "fact") for text in parse_llm_facts("".join(parts))]
