@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     cache_miss_ttl_seconds: float = Field(default=30, gt=0)
     cache_local_max_entries: int = Field(default=10_000, ge=1)
     session_ttl_seconds: float = Field(default=12 * 3600, gt=0)
+    # The web page's session cookie is sent only over HTTPS when true; off for plain local http.
+    session_cookie_secure: bool = False
 
     rate_limit_enabled: bool = True
     rate_limit_requests_per_minute: int = Field(default=30, ge=1, le=1_000_000)

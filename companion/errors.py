@@ -4,6 +4,7 @@
     ├── SettingsError            bad configuration, at start (never HTTP)
     ├── InvalidInput             422  the request is well-formed but its content is not acceptable
     ├── Unauthorized             401  no or unknown API key
+    ├── Forbidden                403  a cookie-authenticated change without its CSRF token
     ├── NotFound                 404  missing, or owned by another user (never 403: ids don't leak)
     ├── Conflict                 409  e.g. a personality name the user already has
     ├── ServiceUnavailable       503  the database cannot be reached; retry shortly
@@ -50,6 +51,12 @@ class Unauthorized(CompanionError):
     status_code = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(CompanionError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(CompanionError):

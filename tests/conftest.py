@@ -25,7 +25,7 @@ from companion.storage.database import Database
 from tests.support.live import LiveServer
 
 PG_ADMIN_DSN = os.environ.get("COMPANION_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLES = "messages, conversations, preferences, personalities, api_keys, users"
+TABLES = "memories, conversation_summaries, messages, conversations, preferences, personalities, api_keys, users"
 
 
 def _pg_url(database: str) -> str:

@@ -1,5 +1,7 @@
 """Typed dependencies shared by the routers: the service container, and the authenticated user
-(which also spends the user's rate limit for the route)."""
+(which also spends the user's rate limit for the route). A user authenticates with a bearer token
+(API key or session token) or, on the web page, with the session cookie; a cookie-authenticated
+request that changes anything must also carry the session's CSRF token."""
 
 from __future__ import annotations
 
@@ -7,14 +9,23 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
-from companion.errors import Unauthorized
+from companion.errors import Forbidden, Unauthorized
 from companion.services import Services
+from companion.sessions.csrf import CSRF_HEADER, csrf_matches
 from companion.sessions.service import TOKEN_PREFIX as SESSION_PREFIX
+
+SESSION_COOKIE = "companion_session"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 _bearer = HTTPBearer(
     auto_error=False, description="The API key printed by `companion users create`, or a session token."
+)
+_cookie = APIKeyCookie(
+    name=SESSION_COOKIE,
+    auto_error=False,
+    description="The web page's session (set by POST /web/session); changes also need the X-CSRF-Token header.",
 )
 
 
@@ -49,14 +60,31 @@ async def _authenticate(services: Services, credentials: HTTPAuthorizationCreden
     return await services.users.authenticate(token)
 
 
+async def _authenticate_cookie(services: Services, request: Request, token: str) -> uuid.UUID:
+    # Browsers attach cookies to requests other sites trigger; only a same-origin script can read
+    # the CSRF token and send it back.
+    if request.method not in SAFE_METHODS and not csrf_matches(token, request.headers.get(CSRF_HEADER)):
+        raise Forbidden(
+            f"Missing or wrong {CSRF_HEADER} header; reload the page and try again.", code="csrf_token_invalid"
+        )
+    session = await services.sessions.authenticate(token)
+    if session is None:
+        raise Unauthorized("Your session has expired or was revoked; sign in again.", code="invalid_session")
+    return session.user_id
+
+
 async def current_user(
     request: Request,
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    cookie: Annotated[str | None, Depends(_cookie)],
 ) -> uuid.UUID:
     limits = services.rate_limits
     try:
-        user_id = await _authenticate(services, credentials)
+        if credentials is None and cookie:
+            user_id = await _authenticate_cookie(services, request, cookie)
+        else:
+            user_id = await _authenticate(services, credentials)
     except Unauthorized:
         if limits.enabled:
             await limits.auth_failed(client_ip(request, services))  # 429 once an address fails too often

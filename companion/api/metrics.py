@@ -74,10 +74,35 @@ class _RateLimitCollector(Collector):
         yield unavailable
 
 
+class _MemoryCollector(Collector):
+    """Long-term memory on this instance: recalls and how they ended, memories written, failures."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._services.memories.stats
+        recalls = CounterMetricFamily(
+            "companion_memory_recalls", "Memory recalls before a reply, by outcome", labels=["outcome"]
+        )
+        recalls.add_metric(["timeout"], float(stats.recall_timeouts))
+        recalls.add_metric(["failed"], float(stats.recall_failures))
+        recalls.add_metric(["ok"], float(stats.recalls - stats.recall_timeouts - stats.recall_failures))
+        yield recalls
+        written = CounterMetricFamily("companion_memory_written", "Memories added or updated", labels=["action"])
+        written.add_metric(["added"], float(stats.added))
+        written.add_metric(["updated"], float(stats.updated))
+        yield written
+        failures = CounterMetricFamily("companion_memory_extraction_failures", "Background extractions that failed")
+        failures.add_metric([], float(stats.extraction_failures))
+        yield failures
+
+
 def build_registry(services: Services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(services.cache.stats)
     registry.register(_DegradedCollector(services))
+    registry.register(_MemoryCollector(services))
     registry.register(_RateLimitCollector(services))
     return registry
 

@@ -23,6 +23,8 @@ from companion.llm.base import ChatMessage, GenerationParams, LLMProvider
 logger = logging.getLogger(__name__)
 
 MIN_CHARS, MAX_CHARS = 8, 300
+# A model's answer is at most a few hundred tokens; looking further only lets junk cost more time.
+MAX_ANSWER_CHARS = 16_000
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,10 @@ class Fact:
     kind: str  # name | person | place | preference | plan | fact
 
 
-_SENTENCES = re.compile(r"[^.!?\n]+[.!?]*")
+# "St. Louis" and "3.5" do not end a sentence.
+_SENTENCES = re.compile(r"(?:\b(?:st|mt|mr|mrs|ms|dr|jr|sr|prof)\.(?= )|\d\.(?=\d)|[^.!?\n])+[.!?]*", re.I)
+# Control characters and lone surrogates would corrupt stored memories and prompts.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _LEAD = re.compile(r"^(?:(?:and|also|so|well|oh|btw|by the way|actually|anyway|hey|hi|hello),?\s+)+", re.I)
 _PEOPLE = (
     r"sister|brother|mother|mom|mum|father|dad|parents?|son|daughter|kids?|children|wife|husband|partner|"
@@ -72,6 +77,7 @@ _KINDS: list[tuple[str, re.Pattern[str]]] = [
         re.compile(
             r"\bi(?:'m| am) (?:a|an|\d+|learning|studying|training|writing|building|married|engaged|single|retired)\b|"
             r"\bi(?:'ve| have) been\b|\bi (?:work as|work for|speak|play|have|own|collect|teach|drive|ride|run|paint)\b|"
+            r"\bi (?:broke|lost|won|bought|sold|adopted|finished|graduated|got|started|quit|retired)\b|"
             r"\bmy (?:birthday|job|work|age|hobby|hobbies|car|phone|degree|major)\b",
             re.I,
         ),
@@ -101,14 +107,30 @@ _PERSON_SWAP = [
     (re.compile(r"\bme\b", re.I), "them"),
     (re.compile(r"\bmyself\b", re.I), "themselves"),
 ]
-# Third-person verbs after "the user": "The user live" -> "The user lives".
+# "My wife and I love hiking" -> "The user and their wife love hiking" (a plural subject).
+_COMPOUND_SUBJECT = re.compile(r"^(?:my ((?:[\w'-]+ ){0,2}?[\w'-]+) and (?:i|me)|me and my)\b", re.I)
+# Third-person verbs after "the user": "The user live" -> "The user lives", also past an adverb
+# ("The user really loves"). A contraction ("can't", "didn't") is left as it is.
 _VERB_AFTER_USER = re.compile(
-    r"\b([Tt]he user) (?!is\b|has\b|will\b|would\b|wants\b|does\b|was\b|did\b|had\b)([a-z]+)\b(?<!ed)"
+    r"\b([Tt]he user) ((?:really|truly|absolutely|just|also|usually|often|always|never|still|sometimes|"
+    r"mostly|rarely|actually|totally|themselves) )?"
+    r"(?!is\b|has\b|will\b|would\b|wants\b|does\b|was\b|did\b|had\b|and\b|or\b)([a-z]+)\b(?!['’])"
 )
+# Past tenses are left alone: regular ones end in -ed (but "need" is present), these do not.
+_PRESENT_IN_ED = {"need", "feed", "bleed", "breed", "speed", "succeed", "proceed", "exceed", "embed", "shred", "wed"}
+_IRREGULAR_PAST = {
+    "ate", "became", "began", "bought", "broke", "brought", "built", "came", "caught", "chose", "drove", "fell",
+    "felt", "flew", "forgot", "found", "gave", "got", "grew", "heard", "held", "kept", "knew", "left", "lost",
+    "made", "meant", "met", "paid", "ran", "said", "sang", "sat", "saw", "sent", "slept", "sold", "spent",
+    "spoke", "stood", "swam", "taught", "thought", "told", "took", "understood", "went", "woke", "won", "wore",
+    "wrote",
+}
 
 
 def _third_person_verb(verb: str) -> str:
-    if verb in {"can", "could", "should", "must", "might", "may", "was", "did", "had"}:
+    if verb in {"can", "could", "should", "must", "might", "may", "was", "did", "had"} or verb in _IRREGULAR_PAST:
+        return verb
+    if verb.endswith("ed") and verb not in _PRESENT_IN_ED:
         return verb
     if verb == "have":
         return "has"
@@ -121,23 +143,23 @@ def _third_person_verb(verb: str) -> str:
 
 def third_person(sentence: str) -> str:
     """Rewrite a first-person statement about the user in the third person."""
-    text = sentence.strip()
-    if not re.match(r"^(?:i|i'm|i've|i'll|i'd|my|call me)\b", text, re.I):
+    text = _COMPOUND_SUBJECT.sub(lambda m: f"The user and their{' ' + m.group(1) if m.group(1) else ''}", sentence.strip())
+    if not re.match(r"^(?:i|i'm|i've|i'll|i'd|my|call me|the user)\b", text, re.I):
         # "Next month I'm flying to Tokyo": the first "I" names the user, later ones are "they".
         text = re.sub(r"\bi am\b|\bi'm\b", "the user is", text, count=1, flags=re.I)
         text = re.sub(r"\bi've\b", "the user has", text, count=1, flags=re.I)
         text = re.sub(r"\bi\b", "the user", text, count=1, flags=re.I)
     for pattern, replacement in _PERSON_SWAP:
         text = pattern.sub(replacement, text)
-    if re.match(r"^The user don't\b|^The user do not\b", text):
-        text = re.sub(r"^The user (?:don't|do not)\b", "The user does not", text)
-    text = _VERB_AFTER_USER.sub(lambda m: f"{m.group(1)} {_third_person_verb(m.group(2))}", text)
+    text = re.sub(r"\b([Tt]he user) (?:don't|do not)\b", r"\1 does not", text)
+    text = re.sub(r"\b([Tt]he user) haven't\b", r"\1 hasn't", text)
+    text = _VERB_AFTER_USER.sub(lambda m: f"{m.group(1)} {m.group(2) or ''}{_third_person_verb(m.group(3))}", text)
     text = text[0].upper() + text[1:] if text else text
     return text if text.endswith((".", "!")) else text + "."
 
 
 def sentences(text: str) -> list[str]:
-    return [" ".join(part.split()) for part in _SENTENCES.findall(text) if part.strip()]
+    return [" ".join(_UNPRINTABLE.sub(" ", part).split()) for part in _SENTENCES.findall(text) if part.strip()]
 
 
 def rule_facts(message: str) -> list[Fact]:
@@ -152,7 +174,9 @@ def rule_facts(message: str) -> list[Fact]:
         kind = next((kind for kind, pattern in _KINDS if pattern.search(sentence)), None)
         if kind is None or _REACTION.search(sentence):
             continue
-        found.append(Fact(third_person(sentence.rstrip("!.") + "."), kind))
+        fact = third_person(sentence.rstrip("!.") + ".")
+        if len(fact) <= MAX_CHARS:  # the rewrite is longer than what the user wrote
+            found.append(Fact(fact, kind))
     return found
 
 
@@ -162,33 +186,37 @@ EXTRACTION_PROMPT = (
     'fact as a short sentence starting with "The user". Answer with a JSON array of strings and '
     "nothing else; answer [] if there is none."
 )
-_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.+?)\s*$")
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.+)$")
+_JSON = json.JSONDecoder()
+
+
+def _first_json_list(output: str) -> list[object]:
+    """The first JSON array in `output` that holds a string ("[1]" or "[note]" in prose is skipped)."""
+    start = output.find("[")
+    while start != -1:
+        try:
+            # raw_decode parses in place and stops at the array's end: no slice and retry per "]".
+            parsed, _ = _JSON.raw_decode(output, start)
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's limit
+            parsed = None
+        if isinstance(parsed, list) and any(isinstance(item, str) for item in parsed):
+            return parsed
+        start = output.find("[", start + 1)
+    return []
 
 
 def parse_llm_facts(output: str, *, limit: int = 5) -> list[str]:
     """The facts in a model's answer: a JSON array (possibly fenced or wrapped in prose), or a
     bulleted list. Anything else yields nothing."""
-    items: list[object] = []
-    start = output.find("[")
-    while start != -1 and not items:
-        end = output.find("]", start)
-        while end != -1:
-            try:
-                parsed = json.loads(output[start : end + 1])
-            except ValueError:
-                end = output.find("]", end + 1)
-                continue
-            if isinstance(parsed, list):
-                items = parsed
-            break
-        start = output.find("[", start + 1)
+    output = output[:MAX_ANSWER_CHARS]
+    items = _first_json_list(output)
     if not items:
         items = [m.group(1) for line in output.splitlines() if (m := _BULLET.match(line))]
     facts: list[str] = []
     for item in items:
         if not isinstance(item, str):
             continue
-        text = " ".join(item.split()).strip(" \"'")
+        text = " ".join(_UNPRINTABLE.sub(" ", item).split()).strip(" \"'")
         if not (MIN_CHARS <= len(text) <= MAX_CHARS) or text.endswith("?"):
             continue
         if not text.lower().startswith(("the user", "user")):

@@ -27,7 +27,7 @@ from companion.cache.memory_search import MemorySearchCache
 from companion.errors import CompanionError, Conflict
 from companion.llm.base import LLMProvider
 from companion.memory.embedder import Embedder
-from companion.memory.extract import Fact, llm_facts, rule_facts
+from companion.memory.extract import Fact, llm_facts, rule_facts, third_person
 from companion.memory.store import MemoryOut, NewMemory, VectorStore
 from companion.types import Clock, utcnow
 
@@ -167,7 +167,8 @@ class MemoryService:
         """Keep `text`, or update the memory it nearly duplicates. None when the user is at the cap."""
         if not self.enabled:
             raise memory_disabled()
-        kept = await self._keep(user_id, [Fact(text, kind)], conversation_id, source_message_id)
+        # Shown to the model as facts about the user: "I am vegetarian" becomes "The user is vegetarian."
+        kept = await self._keep(user_id, [Fact(third_person(text), kind)], conversation_id, source_message_id)
         return kept[0] if kept else None
 
     async def delete(self, user_id: uuid.UUID, memory_id: uuid.UUID) -> None:

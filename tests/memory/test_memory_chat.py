@@ -1,0 +1,254 @@
+"""Long-term memory end to end, on real uvicorn instances sharing one database, with Redis (a
+private redis-server) and without it, on SQLite and PostgreSQL:
+
+- a fact told in conversation A is in the prompt of a new conversation B, days later (injected
+  clock), on another instance;
+- deleting it (one memory, or everything) removes it from the very next prompt on every instance,
+  although both instances had the search result and the user's vectors cached;
+- memory off in the preferences: nothing is extracted and nothing recalled;
+- a recall that misses its deadline lets the reply go ahead without memories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from companion.config import Settings
+from companion.llm.base import ChatMessage
+from companion.llm.scripted import ScriptedProvider
+from companion.memory.embedder import OnnxEmbedder
+from companion.services import Services
+from tests.conftest import make_settings
+from tests.support.api import chat, create_conversation, running_server
+from tests.support.live import LiveServer
+from tests.support.redis_proc import RedisProcess, running_redis
+
+FACT = "My sister Ana lives in Berlin."
+REMEMBERED = "The user's sister Ana lives in Berlin."
+QUESTION = "Where does my sister live?"
+T0 = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
+TEST_BUDGET = 60.0
+
+
+class MovableClock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Node:
+    """One instance: its server, scripted provider and an authenticated client."""
+
+    def __init__(self, server: LiveServer, provider: ScriptedProvider, http: httpx.AsyncClient) -> None:
+        self.server, self.provider, self.http = server, provider, http
+
+    @property
+    def services(self) -> Services:
+        return self.server.app.state.services  # type: ignore[no-any-return]
+
+    async def say(self, conversation_id: str, content: str) -> list[ChatMessage]:
+        """Send a message; returns the prompt the model got for it."""
+        before = len(self.provider.prompts)
+        await chat(self.http, conversation_id, content)
+        await self.services.memories.wait_idle()
+        assert len(self.provider.prompts) == before + 1
+        return self.provider.prompts[-1]
+
+
+def system_of(prompt: Sequence[ChatMessage]) -> str:
+    assert prompt[0].role == "system"
+    return prompt[0].content
+
+
+@pytest.fixture(params=["redis", "in-process"])
+async def redis(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RedisProcess | None]:
+    if request.param == "in-process":
+        yield None
+        return
+    async with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+def memory_settings(database_url: str, tmp_path: Path, redis: RedisProcess | None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {}
+    if redis is not None:
+        values.update(redis_enabled=True, redis_url=redis.url, redis_breaker_reset_seconds=0.2)
+    values.update(overrides)
+    return make_settings(database_url, tmp_path, **values)
+
+
+async def start_nodes(
+    stack: AsyncExitStack, settings: Settings, clock: MovableClock, count: int = 2
+) -> list[Node]:
+    nodes: list[Node] = []
+    key: str | None = None
+    for _ in range(count):
+        provider = ScriptedProvider()
+        server = await stack.enter_async_context(running_server(settings, provider, clock=clock))
+        if key is None:
+            key = (await server.app.state.services.users.create("ana's sibling")).api_key
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        )
+        nodes.append(Node(server, provider, http))
+    return nodes
+
+
+async def memories(node: Node, **params: Any) -> list[dict[str, Any]]:
+    response = await node.http.get("/v1/memories", params=params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list"
+    return body["data"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("forget", ["one", "everything"])
+async def test_a_fact_from_conversation_a_reaches_conversation_b_and_deleting_it_removes_it_everywhere(
+    database_url: str, tmp_path: Path, redis: RedisProcess | None, forget: str
+) -> None:
+    clock = MovableClock(T0)
+    settings = memory_settings(database_url, tmp_path, redis)
+    async with asyncio.timeout(TEST_BUDGET), AsyncExitStack() as stack:
+        a, b = await start_nodes(stack, settings, clock)
+
+        first = await create_conversation(a.http, "elara")
+        told = await chat(a.http, first["id"], FACT)
+        await a.services.memories.wait_idle()
+        (kept,) = await memories(b)
+        assert kept["text"] == REMEMBERED
+        assert kept["conversation_id"] == first["id"]
+        assert kept["source_message_id"] == told["user_message_id"]
+        assert datetime.fromisoformat(kept["created_at"]) == T0
+
+        clock.now = T0 + timedelta(days=3)
+        second = await create_conversation(b.http, "orion")
+        for node in (b, a, b, a):  # each instance asks twice: the second answer comes from its caches
+            assert REMEMBERED in system_of(await node.say(second["id"], QUESTION))
+        assert a.services.memories.store.loads <= 2  # type: ignore[attr-defined]
+
+        if forget == "one":
+            response = await a.http.delete(f"/v1/memories/{kept['id']}")
+            assert response.status_code == 204, response.text
+        else:
+            response = await a.http.delete("/v1/memories")
+            assert response.status_code == 200, response.text
+            assert response.json() == {"deleted": 1}
+
+        for node in (b, a):
+            prompt = await node.say(second["id"], QUESTION)
+            assert "Berlin" not in " ".join(m.content for m in prompt), prompt
+        assert await memories(a) == [] and await memories(b) == []
+
+
+async def test_memory_turned_off_in_preferences_neither_learns_nor_recalls(
+    database_url: str, tmp_path: Path, redis: RedisProcess | None
+) -> None:
+    settings = memory_settings(database_url, tmp_path, redis)
+    async with asyncio.timeout(TEST_BUDGET), AsyncExitStack() as stack:
+        (node,) = await start_nodes(stack, settings, MovableClock(T0), count=1)
+        conversation = await create_conversation(node.http)
+        await node.say(conversation["id"], FACT)
+        assert len(await memories(node)) == 1
+
+        response = await node.http.put("/v1/preferences", json={"memory_enabled": False})
+        assert response.status_code == 200, response.text
+        assert REMEMBERED not in system_of(await node.say(conversation["id"], QUESTION))
+        await node.say(conversation["id"], "My brother Jonas lives in Oslo.")
+        assert [m["text"] for m in await memories(node)] == [REMEMBERED]  # kept, but not used or added to
+
+        response = await node.http.put("/v1/preferences", json={"memory_enabled": True})
+        assert response.status_code == 200, response.text
+        assert REMEMBERED in system_of(await node.say(conversation["id"], QUESTION))
+
+
+async def test_restating_a_fact_updates_the_memory_instead_of_adding_one(
+    database_url: str, tmp_path: Path, redis: RedisProcess | None
+) -> None:
+    clock = MovableClock(T0)
+    settings = memory_settings(database_url, tmp_path, redis)
+    async with asyncio.timeout(TEST_BUDGET), AsyncExitStack() as stack:
+        (node,) = await start_nodes(stack, settings, clock, count=1)
+        conversation = await create_conversation(node.http)
+        await node.say(conversation["id"], "I love hiking in the Alps.")
+        clock.now = T0 + timedelta(days=1)
+        await node.say(conversation["id"], "I love hiking in the Alps!")
+        (kept,) = await memories(node)
+        assert datetime.fromisoformat(kept["created_at"]) == T0
+        assert datetime.fromisoformat(kept["updated_at"]) == T0 + timedelta(days=1)
+
+
+class StalledEmbedder(OnnxEmbedder):
+    """Embeds normally until `stall` is set; then every request waits until it is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__(threads=1)
+        self.stall = False
+        self.released = asyncio.Event()
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.stall:
+            await self.released.wait()
+        return await super().embed(texts)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_recall_past_its_deadline_lets_the_reply_go_ahead_without_memories(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url, tmp_path, memory_retrieval_deadline_ms=50)
+    embedder = StalledEmbedder()
+    provider = ScriptedProvider()
+    services = Services.build(settings, provider=provider, embedder=embedder)
+    await services.start()
+    try:
+        user = (await services.users.create("u")).id
+        await services.memories.add(user, FACT)
+        embedder.stall = True
+        found = await asyncio.wait_for(services.memories.recall(user, QUESTION), timeout=5)
+        assert found == []
+        assert services.memories.stats.recall_timeouts == 1
+        embedder.stall = False
+        embedder.released.set()
+        assert [m.text for m in await services.memories.recall(user, QUESTION)] == [REMEMBERED]
+    finally:
+        await services.aclose()
+
+
+async def test_memories_are_recorded_with_their_source(services: Services) -> None:
+    user = (await services.users.create("u")).id
+    conversation = await services.conversations.create(user, "elara")
+    message = await services.conversations.add_message(conversation.id, "user", "Hi! I'm vegetarian. What's for dinner?")
+    (kept,) = await services.memories.extract(user, conversation.id, message.id, message.content)
+    assert (kept.text, kept.kind) == ("The user is vegetarian.", "preference")
+    assert (kept.conversation_id, kept.source_message_id) == (conversation.id, message.id)
+
+
+async def test_llm_extraction_adds_facts_the_rules_miss(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path, memory_extractor="both")
+    provider = ScriptedProvider()
+    services = Services.build(settings, provider=provider)
+    await services.start()
+    try:
+        user = (await services.users.create("u")).id
+        provider.queue('Here you go: ["The user keeps bees on their roof.", 42, "not a fact about anyone"]')
+        kept = await services.memories.extract(user, None, 1, "Honey from the roof hives was great this year.")
+        assert [m.text for m in kept] == ["The user keeps bees on their roof."]
+        assert "Honey from the roof hives" in provider.prompts[-1][-1].content
+    finally:
+        await services.aclose()
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
