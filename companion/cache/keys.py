@@ -53,10 +53,6 @@ def session_index(user_id: uuid.UUID) -> str:
     return f"{PREFIX}:{user_tag(user_id)}:sessions"
 
 
-def memory_generation(user_id: uuid.UUID) -> str:
-    return f"{PREFIX}:{user_tag(user_id)}:memgen"
-
-
 def memory_search(user_id: uuid.UUID, generation: int, conversation_id: uuid.UUID | None, query: str) -> str:
     conversation = conversation_id.hex if conversation_id else "-"
     query_hash = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:32]

@@ -261,7 +261,6 @@ async def test_the_cached_namespace_patterns_never_match_durable_state(cache_bac
     durable = [
         keys.session(USER, "0123456789abcdef"),
         keys.session_index(USER),
-        keys.memory_generation(USER),
         keys.token_quota(USER, "daily", "2024-05-06"),
         keys.rate_limit("chat", str(USER)),
         keys.rate_limit("ip", "127.0.0.1"),

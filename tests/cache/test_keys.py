@@ -72,7 +72,6 @@ def test_hostile_and_literal_parts_give_distinct_keys() -> None:
     other_kinds = {
         keys.preferences(USER),
         keys.session_index(USER),
-        keys.memory_generation(USER),
         *(keys.session(USER, name) for name in names),
         *(keys.api_key(name) for name in names),
         *(keys.personality(OTHER, name) for name in names),
@@ -120,7 +119,6 @@ def test_one_users_keys_share_the_users_hash_tag_and_cluster_slot() -> None:
         keys.session(USER, "abc"),
         keys.token_quota(USER, "daily", "2024-05-06"),
         keys.session_index(USER),
-        keys.memory_generation(USER),
         keys.memory_search(USER, 7, OTHER, "what do I like?"),
         keys.memory_search(USER, 0, None, "x" * 5000),
         keys.personality(USER, "a:*"),
@@ -187,7 +185,6 @@ def test_memory_search_key_depends_on_generation_conversation_and_query() -> Non
         (keys.lock(keys.api_key("abc123")), "apikey"),
         (keys.session(USER, "0123abcd"), "session"),
         (keys.session_index(USER), "sessions"),
-        (keys.memory_generation(USER), "memgen"),
         (keys.memory_search(USER, 2, None, "q"), "memsearch"),
         (keys.token_quota(USER, "daily", "2024-05-06"), "quota"),
         (keys.rate_limit("chat", str(USER)), "rl"),
@@ -209,7 +206,6 @@ def _every_key_of(user: uuid.UUID) -> list[str]:
         keys.api_key("f" * 64),
         keys.session(user, "0123abcd"),
         keys.session_index(user),
-        keys.memory_generation(user),
         keys.memory_search(user, 0, None, "q"),
         keys.lock(keys.personality(user, "friendly")),
     ]

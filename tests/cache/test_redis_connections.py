@@ -38,7 +38,7 @@ async def _exercise(backend: RedisBackend) -> None:
     assert cache.pending_invalidations == 0
     await backend.sadd(keys.session_index(USER), "s", 60)
     assert await backend.smembers(keys.session_index(USER)) == {"s"}
-    assert await backend.incr(keys.memory_generation(USER)) == 1
+    assert await backend.incr(keys.token_quota(USER, "daily", "2026-11-28")) == 1
     assert await backend.mget([key]) == [None]
     assert await backend.ping() >= 0
     assert "keyspace_hits" in await backend.info()

@@ -487,7 +487,7 @@ async def test_overflowing_deferred_invalidations_drop_whole_cached_namespaces_b
     backend = cache.backend
     try:
         cached = [keys.personality(USER, "a"), keys.preferences(USER), keys.api_key("k")]
-        durable = [keys.session(USER, "s1"), keys.session_index(USER), keys.memory_generation(USER)]
+        durable = [keys.session(USER, "s1"), keys.session_index(USER), keys.token_quota(USER, "daily", "2026-11-28")]
         for key in cached + durable:
             await backend.set(key, b"1")
         redis_server.stop(keep_data=True)
