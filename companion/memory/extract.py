@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 MIN_CHARS, MAX_CHARS = 8, 300
 # A model's answer is at most a few hundred tokens; looking further only lets junk cost more time.
-MAX_ANSWER_CHARS = 16_000
+MAX_ANSWER_CHARS = 4_000
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Fact:
 # "St. Louis" and "3.5" do not end a sentence.
 _SENTENCES = re.compile(r"(?:\b(?:st|mt|mr|mrs|ms|dr|jr|sr|prof)\.(?= )|\d\.(?=\d)|[^.!?\n])+[.!?]*", re.I)
 # Control characters and lone surrogates would corrupt stored memories and prompts.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# (The control characters str.split() treats as whitespace are left to it.)
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
 _LEAD = re.compile(r"^(?:(?:and|also|so|well|oh|btw|by the way|actually|anyway|hey|hi|hello),?\s+)+", re.I)
 _PEOPLE = (
     r"sister|brother|mother|mom|mum|father|dad|parents?|son|daughter|kids?|children|wife|husband|partner|"
@@ -108,23 +109,21 @@ _PERSON_SWAP = [
     (re.compile(r"\bmyself\b", re.I), "themselves"),
 ]
 # "My wife and I love hiking" -> "The user and their wife love hiking" (a plural subject).
-_COMPOUND_SUBJECT = re.compile(r"^(?:my ((?:[\w'-]+ ){0,2}?[\w'-]+) and (?:i|me)|me and my)\b", re.I)
+_COMPOUND_SUBJECT = re.compile(rf"^(?:my ((?:\w+ )?(?:{_PEOPLE})) and (?:i|me)|me and my)\b", re.I)
 # Third-person verbs after "the user": "The user live" -> "The user lives", also past an adverb
 # ("The user really loves"). A contraction ("can't", "didn't") is left as it is.
 _VERB_AFTER_USER = re.compile(
     r"\b([Tt]he user) ((?:really|truly|absolutely|just|also|usually|often|always|never|still|sometimes|"
     r"mostly|rarely|actually|totally|themselves) )?"
-    r"(?!is\b|has\b|will\b|would\b|wants\b|does\b|was\b|did\b|had\b|and\b|or\b)([a-z]+)\b(?!['’])"
+    r"(?!is\b|has\b|will\b|would\b|wants\b|does\b|was\b|did\b|had\b|and\b|or\b)([a-z]+)\b(?!['\u2019])"
 )
 # Past tenses are left alone: regular ones end in -ed (but "need" is present), these do not.
-_PRESENT_IN_ED = {"need", "feed", "bleed", "breed", "speed", "succeed", "proceed", "exceed", "embed", "shred", "wed"}
-_IRREGULAR_PAST = {
-    "ate", "became", "began", "bought", "broke", "brought", "built", "came", "caught", "chose", "drove", "fell",
-    "felt", "flew", "forgot", "found", "gave", "got", "grew", "heard", "held", "kept", "knew", "left", "lost",
-    "made", "meant", "met", "paid", "ran", "said", "sang", "sat", "saw", "sent", "slept", "sold", "spent",
-    "spoke", "stood", "swam", "taught", "thought", "told", "took", "understood", "went", "woke", "won", "wore",
-    "wrote",
-}
+_PRESENT_IN_ED = frozenset("need feed bleed breed speed succeed proceed exceed embed shred wed".split())
+_IRREGULAR_PAST = frozenset(
+    "ate became began bought broke brought built came caught chose drove fell felt flew forgot found gave got grew "
+    "heard held kept knew left lost made meant met paid ran said sang sat saw sent slept sold spent spoke stood swam "
+    "taught thought told took understood went woke won wore wrote".split()
+)
 
 
 def _third_person_verb(verb: str) -> str:
@@ -143,7 +142,7 @@ def _third_person_verb(verb: str) -> str:
 
 def third_person(sentence: str) -> str:
     """Rewrite a first-person statement about the user in the third person."""
-    text = _COMPOUND_SUBJECT.sub(lambda m: f"The user and their{' ' + m.group(1) if m.group(1) else ''}", sentence.strip())
+    text = _COMPOUND_SUBJECT.sub(lambda m: " ".join(["The user and their", *m.groups("")]).strip(), sentence.strip())
     if not re.match(r"^(?:i|i'm|i've|i'll|i'd|my|call me|the user)\b", text, re.I):
         # "Next month I'm flying to Tokyo": the first "I" names the user, later ones are "they".
         text = re.sub(r"\bi am\b|\bi'm\b", "the user is", text, count=1, flags=re.I)
@@ -159,7 +158,7 @@ def third_person(sentence: str) -> str:
 
 
 def sentences(text: str) -> list[str]:
-    return [" ".join(_UNPRINTABLE.sub(" ", part).split()) for part in _SENTENCES.findall(text) if part.strip()]
+    return [" ".join(_UNPRINTABLE.sub("", part).split()) for part in _SENTENCES.findall(text) if part.strip()]
 
 
 def rule_facts(message: str) -> list[Fact]:
@@ -216,12 +215,14 @@ def parse_llm_facts(output: str, *, limit: int = 5) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             continue
-        text = " ".join(_UNPRINTABLE.sub(" ", item).split()).strip(" \"'")
+        text = " ".join(_UNPRINTABLE.sub("", item).split()).strip(" \"'")
         if not (MIN_CHARS <= len(text) <= MAX_CHARS) or text.endswith("?"):
             continue
         if not text.lower().startswith(("the user", "user")):
             continue
-        facts.append(text if text.endswith(".") else text + ".")
+        text = text if text.endswith(".") else text + "."
+        if len(text) <= MAX_CHARS:  # the period may be one too many
+            facts.append(text)
     return facts[:limit]
 
 
