@@ -26,6 +26,7 @@ from companion.config import Settings, load_settings
 from companion.llm.base import LLMProvider
 from companion.services import Services
 from companion.types import Clock, utcnow
+from companion.web import routes as web
 
 
 def create_app(
@@ -57,6 +58,7 @@ def create_app(
     app.add_middleware(RateLimitMiddleware)
     for module in (health, metrics, personalities, preferences, conversations, memories, sessions, openai_compat):
         app.include_router(module.router)
+    web.install(app)  # the chat page at /
     logging.getLogger("companion").setLevel(settings.log_level)
     return app
 
