@@ -1,0 +1,133 @@
+"""The chat load generator, run as its own process (`python -m bench.loadgen`) so that it never
+shares a CPU budget or an event loop with the server it measures.
+
+It reads a JSON job on stdin: {"host", "port", "streams": [{"key", "conversation"}, ...],
+"warmup": seconds, "duration": seconds}. Each stream is one keep-alive HTTP/1.1 connection sending
+chat messages back to back into its own conversation (turns in one conversation are serialized by the
+service, so concurrent streams need their own). Per request it records the time to the first
+response byte, to the first `event: token` of the SSE reply (the first streamed chunk) and to the
+end of the reply. It writes JSON on stdout: {"ttfb_ns", "ttft_ns", "total_ns", "errors", "elapsed"},
+for requests that started after the warm-up and before the end of the measured window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+TOKEN = b"event: token"
+
+
+class Stream:
+    def __init__(self, host: str, port: int, key: str, conversation: str) -> None:
+        self.host, self.port = host, port
+        self.head = (
+            f"POST /v1/conversations/{conversation}/messages HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
+        ).encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def request(self, number: int) -> tuple[int, int, int]:
+        """One chat turn: (ns to first byte, ns to first token, ns to the end). Raises on failure."""
+        assert self.reader is not None and self.writer is not None
+        body = json.dumps({"content": f"How is it going today? ({number})"}).encode()
+        clock = time.perf_counter_ns
+        started = clock()
+        self.writer.write(self.head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status_line = await self.reader.readline()
+        first_byte = clock()
+        if not status_line:
+            raise ConnectionError("server closed the connection")
+        status = int(status_line.split()[1])
+        headers: dict[bytes, bytes] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        first_token = 0
+        if headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                chunk = await self.reader.readexactly(size + 2)
+                if not first_token and TOKEN in chunk:
+                    first_token = clock()
+        else:
+            await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
+        if status != 200 or not first_token:
+            raise RuntimeError(f"HTTP {status}")
+        return first_byte - started, first_token - started, clock() - started
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+
+
+async def run(job: dict[str, Any]) -> dict[str, Any]:
+    streams = [Stream(job["host"], job["port"], s["key"], s["conversation"]) for s in job["streams"]]
+    await asyncio.gather(*(s.connect() for s in streams))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    measure_from = began + float(job["warmup"])
+    stop_at = measure_from + float(job["duration"])
+    ttfb: list[int] = []
+    ttft: list[int] = []
+    total: list[int] = []
+    errors = 0
+
+    async def drive(index: int, stream: Stream) -> None:
+        nonlocal errors
+        number = 0
+        while (now := loop.time()) < stop_at:
+            number += 1
+            try:
+                first_byte, first_token, whole = await stream.request(index * 1_000_000 + number)
+            except (OSError, RuntimeError, ValueError, IndexError, asyncio.IncompleteReadError):
+                if now >= measure_from:
+                    errors += 1
+                await stream.close()
+                await stream.connect()
+                continue
+            if now >= measure_from:
+                ttfb.append(first_byte)
+                ttft.append(first_token)
+                total.append(whole)
+
+    try:
+        await asyncio.gather(*(drive(i, s) for i, s in enumerate(streams)))
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+    return {
+        "ttfb_ns": ttfb,
+        "ttft_ns": ttft,
+        "total_ns": total,
+        "errors": errors,
+        "elapsed": loop.time() - measure_from,
+    }
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    try:
+        import uvloop
+
+        result = uvloop.run(run(job))
+    except ImportError:
+        result = asyncio.run(run(job))
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
