@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -91,7 +91,7 @@ class MemoryService:
         self.config = config or MemoryConfig()
         self._clock = clock
         self.stats = MemoryStats()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._user_locks: dict[uuid.UUID, asyncio.Lock] = {}
 
     @property
@@ -114,9 +114,13 @@ class MemoryService:
         if not self.enabled:
             return []
         self.stats.recalls += 1
+        # Past the deadline the reply goes ahead, but the search itself runs on in the background:
+        # the vectors it loads and the result it caches make the next recall fast (a user with many
+        # memories may need longer than one deadline to load, and must not time out forever).
+        search = asyncio.ensure_future(self._recall(user_id, query))
+        self._track(search)
         try:
-            async with asyncio.timeout(self.config.deadline_seconds):
-                return await self._recall(user_id, query)
+            return await asyncio.wait_for(asyncio.shield(search), self.config.deadline_seconds)
         except TimeoutError:
             self.stats.recall_timeouts += 1
             logger.warning("memory recall took longer than %.0f ms; replying without it", self.config.deadline_seconds * 1000)
@@ -185,11 +189,17 @@ class MemoryService:
         """Extract memories from a user's message in the background."""
         if not self.enabled:
             return
-        task = asyncio.create_task(
-            self._extract_quietly(user_id, conversation_id, message_id, text), name=f"memory-extract-{message_id}"
+        self._track(
+            asyncio.create_task(
+                self._extract_quietly(user_id, conversation_id, message_id, text), name=f"memory-extract-{message_id}"
+            )
         )
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # Retrieve the outcome, so a background failure is logged here and never as "never retrieved".
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def wait_idle(self) -> None:
         """Wait for background extractions (tests and shutdown)."""

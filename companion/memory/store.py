@@ -13,8 +13,10 @@ pgvector would plug in here as another `VectorStore`; it is not built (see docs/
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -22,6 +24,7 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.errors import NotFound
 from companion.storage.database import Database
@@ -108,6 +111,14 @@ def _out(row: Memory, score: float | None = None) -> MemoryOut:
     )
 
 
+_FIELDS = ("id", "text", "kind", "conversation_id", "source_message_id", "created_at", "updated_at")
+_COLUMNS = tuple(getattr(Memory, name) for name in _FIELDS)
+
+
+def _row(vector: np.ndarray) -> np.ndarray:
+    return np.asarray(vector, dtype=np.float32).reshape(1, -1)
+
+
 def to_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
@@ -119,6 +130,7 @@ class SqlVectorStore:
         self.dimensions = dimensions
         self._matrices: collections.OrderedDict[uuid.UUID, _Matrix] = collections.OrderedDict()
         self.max_cached_users = max_cached_users
+        self._loading: dict[uuid.UUID, asyncio.Lock] = {}
         self.loads = 0  # matrices loaded from the database (tests and benchmarks read it)
 
     async def generation(self, user_id: uuid.UUID) -> int:
@@ -128,36 +140,57 @@ class SqlVectorStore:
 
     async def _matrix(self, user_id: uuid.UUID, generation: int | None) -> _Matrix:
         cached = self._matrices.get(user_id)
-        if cached is not None and generation is not None and cached.generation == generation:
+        if cached is not None and generation is not None and cached.generation >= generation:
             self._matrices.move_to_end(user_id)
             return cached
-        async with self._db.session() as session:  # the generation and the rows from one transaction
-            current = int(await session.scalar(select(User.memory_generation).where(User.id == user_id)) or 0)
-            if cached is not None and cached.generation == current:
-                self._matrices.move_to_end(user_id)
-                return cached
-            rows = list(
-                (
+        async with self._loading.setdefault(user_id, asyncio.Lock()):  # one load per user at a time
+            cached = self._matrices.get(user_id)
+            if cached is not None and generation is not None and cached.generation >= generation:
+                return cached  # loaded (or updated) while this caller waited
+            async with self._db.session() as session:  # the generation and the rows from one transaction
+                current = int(await session.scalar(select(User.memory_generation).where(User.id == user_id)) or 0)
+                if cached is not None and cached.generation == current:
+                    self._matrices.move_to_end(user_id)
+                    return cached
+                rows = (
                     await session.execute(
-                        select(Memory)
+                        select(*_COLUMNS, Memory.embedding)
                         .where(Memory.user_id == user_id, Memory.model == self.model_id)
                         .order_by(Memory.created_at, Memory.id)
                     )
-                ).scalars()
+                ).all()
+            self.loads += 1
+            rows = [row for row in rows if len(row.embedding) == self.dimensions * 4]
+            vectors = (
+                np.frombuffer(b"".join(row.embedding for row in rows), dtype="<f4").reshape(len(rows), self.dimensions)
+                if rows
+                else np.empty((0, self.dimensions), dtype=np.float32)
             )
-        self.loads += 1
-        rows = [row for row in rows if len(row.embedding) == self.dimensions * 4]
-        vectors = (
-            np.frombuffer(b"".join(row.embedding for row in rows), dtype="<f4").reshape(len(rows), self.dimensions)
-            if rows
-            else np.empty((0, self.dimensions), dtype=np.float32)
-        )
-        matrix = _Matrix(current, [_out(row) for row in rows], vectors)
+            # Rows straight from our own table: no validation needed (10,000 of them cost ~10x more with it).
+            memories = [MemoryOut.model_construct(**{name: getattr(row, name) for name in _FIELDS}) for row in rows]
+            matrix = _Matrix(current, memories, vectors)
+            self._keep(user_id, matrix)
+        if not self._loading[user_id].locked():
+            self._loading.pop(user_id, None)
+        return matrix
+
+    def _keep(self, user_id: uuid.UUID, matrix: _Matrix) -> None:
         self._matrices[user_id] = matrix
         self._matrices.move_to_end(user_id)
         while len(self._matrices) > self.max_cached_users:
             self._matrices.popitem(last=False)
-        return matrix
+
+    def _changed(self, user_id: uuid.UUID, generation: int | None, change: Callable[[_Matrix], _Matrix] | None) -> None:
+        """After this instance committed one change that took the user from `generation - 1` to
+        `generation`: apply it to the cached matrix if that is exactly the state before it (so a
+        memory added by extraction costs no reload of all the user's vectors); otherwise drop it."""
+        cached = self._matrices.get(user_id)
+        if cached is None:
+            return
+        if generation is None or change is None or cached.generation != generation - 1:
+            self._matrices.pop(user_id, None)
+            return
+        self._keep(user_id, change(cached))
 
     async def search(
         self, user_id: uuid.UUID, vector: np.ndarray, k: int, *, min_score: float = -1.0, generation: int | None = None
@@ -193,8 +226,14 @@ class SqlVectorStore:
         )
         async with self._db.session() as session:
             session.add(row)
-            await self._bump(session, user_id)
-        return _out(row)
+            generation = await self._bump(session, user_id)
+        added = _out(row)
+        self._changed(
+            user_id,
+            generation,
+            lambda m: _Matrix(generation or 0, [*m.memories, added], np.vstack([m.vectors, _row(memory.vector)])),
+        )
+        return added
 
     async def replace(self, user_id: uuid.UUID, memory_id: uuid.UUID, memory: NewMemory, at: datetime) -> MemoryOut:
         async with self._db.session() as session:
@@ -207,8 +246,19 @@ class SqlVectorStore:
                 memory.source_message_id,
                 at,
             )
-            await self._bump(session, user_id)
-            return _out(row)
+            generation = await self._bump(session, user_id)
+            replaced = _out(row)
+
+        def change(m: _Matrix) -> _Matrix:
+            index = next((i for i, kept in enumerate(m.memories) if kept.id == memory_id), None)
+            if index is None:  # it was not searchable here (another model's vector): now it is
+                return _Matrix(generation or 0, [*m.memories, replaced], np.vstack([m.vectors, _row(memory.vector)]))
+            vectors = m.vectors.copy()
+            vectors[index] = _row(memory.vector)
+            return _Matrix(generation or 0, [*m.memories[:index], replaced, *m.memories[index + 1 :]], vectors)
+
+        self._changed(user_id, generation, change)
+        return replaced
 
     async def list(self, user_id: uuid.UUID, *, limit: int, offset: int = 0) -> list[MemoryOut]:
         async with self._db.session() as session:
@@ -232,18 +282,30 @@ class SqlVectorStore:
             result = await session.execute(delete(Memory).where(Memory.id == memory_id, Memory.user_id == user_id))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise memory_not_found()
-            await self._bump(session, user_id)
-        self._matrices.pop(user_id, None)
+            generation = await self._bump(session, user_id)
+
+        def change(m: _Matrix) -> _Matrix:
+            keep = [i for i, kept in enumerate(m.memories) if kept.id != memory_id]
+            return _Matrix(generation or 0, [m.memories[i] for i in keep], m.vectors[keep])
+
+        self._changed(user_id, generation, change)
 
     async def delete_all(self, user_id: uuid.UUID) -> int:
         async with self._db.session() as session:
             result = await session.execute(delete(Memory).where(Memory.user_id == user_id))
-            await self._bump(session, user_id)
-        self._matrices.pop(user_id, None)
+            generation = await self._bump(session, user_id)
+        self._changed(
+            user_id, generation, lambda m: _Matrix(generation or 0, [], np.empty((0, self.dimensions), dtype=np.float32))
+        )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     @staticmethod
-    async def _bump(session: object, user_id: uuid.UUID) -> None:
-        await session.execute(  # type: ignore[attr-defined]
-            update(User).where(User.id == user_id).values(memory_generation=User.memory_generation + 1)
+    async def _bump(session: AsyncSession, user_id: uuid.UUID) -> int | None:
+        """Bump the user's memory generation in the change's own transaction; the new value."""
+        bumped = await session.scalar(
+            update(User)
+            .where(User.id == user_id)
+            .values(memory_generation=User.memory_generation + 1)
+            .returning(User.memory_generation)
         )
+        return None if bumped is None else int(bumped)

@@ -4,6 +4,7 @@ the same transaction, and the in-memory matrix reused until a change and never a
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -102,7 +103,7 @@ async def test_the_matrix_is_loaded_once_per_generation(store: SqlVectorStore, a
     assert store.loads == 1
     await store.add(alice, memory("b", 2), T0)
     found = await store.search(alice, unit(2), 1, generation=await store.generation(alice))
-    assert found[0].text == "b" and store.loads == 2
+    assert found[0].text == "b" and store.loads == 1  # the change made here was applied, not reloaded
 
 
 async def test_a_change_made_through_another_store_is_seen_at_once(
@@ -147,3 +148,47 @@ async def test_vectors_of_another_model_are_not_searched(services: Services, ali
     await old.add(alice, memory("embedded by the old model", 1), T0)
     assert await new.search(alice, unit(1), 5) == []
     assert [m.text for m in await new.list(alice, limit=5)] == ["embedded by the old model"]  # still the user's
+
+
+async def test_changes_made_here_update_the_cached_matrix_without_a_reload(
+    store: SqlVectorStore, alice: uuid.UUID
+) -> None:
+    first = await store.add(alice, memory("a", 1), T0)
+    await store.search(alice, unit(1), 1)  # loads the matrix
+    assert store.loads == 1
+    second = await store.add(alice, memory("b", 2), T0 + timedelta(seconds=1))
+    await store.replace(alice, first.id, memory("a, restated", 3), T0 + timedelta(seconds=2))
+    found = await store.search(alice, unit(3), 2, generation=await store.generation(alice))
+    assert [m.text for m in found] == ["a, restated", "b"]
+    await store.delete(alice, second.id)
+    assert [m.text for m in await store.search(alice, unit(2), 5, generation=await store.generation(alice))] == [
+        "a, restated"
+    ]
+    await store.delete_all(alice)
+    assert await store.search(alice, unit(3), 5, generation=await store.generation(alice)) == []
+    assert store.loads == 1  # every state above came from applying the change, never from a reload
+    fresh = SqlVectorStore(store._db, model_id="test-model", dimensions=DIMS)
+    assert await fresh.search(alice, unit(3), 5) == []  # and the database agrees
+
+
+async def test_a_change_from_elsewhere_is_not_patched_in_but_reloaded(
+    services: Services, store: SqlVectorStore, alice: uuid.UUID
+) -> None:
+    other = SqlVectorStore(services.database, model_id="test-model", dimensions=DIMS)
+    await store.add(alice, memory("a", 1), T0)
+    await store.search(alice, unit(1), 1)
+    await other.add(alice, memory("b", 2), T0)  # another instance: this one's matrix is now behind
+    await store.add(alice, memory("c", 3), T0)  # two generations ahead of the cached matrix: dropped
+    found = await store.search(alice, unit(2), 3, generation=await store.generation(alice))
+    assert sorted(m.text for m in found) == ["a", "b", "c"]
+    assert store.loads == 2
+
+
+async def test_concurrent_searches_on_a_cold_cache_load_the_matrix_once(store: SqlVectorStore, alice: uuid.UUID) -> None:
+    for i in range(20):
+        await store.add(alice, memory(f"m{i}", i), T0)
+    cold = SqlVectorStore(store._db, model_id="test-model", dimensions=DIMS)
+    generation = await cold.generation(alice)
+    results = await asyncio.gather(*(cold.search(alice, unit(i), 1, generation=generation) for i in range(10)))
+    assert [r[0].text for r in results] == [f"m{i}" for i in range(10)]
+    assert cold.loads == 1
