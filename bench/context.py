@@ -9,8 +9,9 @@ long-term memories), as `ChatService.begin` calls it. Three backends, side by si
   matrix in memory: that is the store's own design, not a cache layer).
 
 And three users: long-term memory turned off; memory on with nothing remembered yet (the common
-case: recall then reads only the user's memory generation); and memory on with 100 memories, a new
-message each time (recall embeds the message and searches, as a real turn does).
+case); and memory on with 100 memories, a new message each time (recall embeds the message and
+searches, as a real turn does). The user's memory generation is passed in, as `ChatService.begin`
+does: a turn reads it in the transaction that stores the user's message, not in context assembly.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class Scenario:
     user_id: uuid.UUID
     seeded: seed.SeededConversation
     fresh_queries: bool
+    generation: int | None = None  # the user's memory generation, read with the stored message
 
 
 async def assemble_op(context: ContextAssembler, scenario: Scenario, index: int) -> object:
@@ -188,7 +190,7 @@ async def assemble(context: ContextAssembler, scenario: Scenario, index: int) ->
     history = await context.history(conversation.id, scenario.seeded.newest, after=scenario.seeded.after)
     await context.summary(conversation.id)
     query = f"{seed.sentence(index)} ({index})" if scenario.fresh_queries else scenario.seeded.newest.content
-    await context.recall(scenario.user_id, preferences, query)
+    await context.recall(scenario.user_id, preferences, query, generation=scenario.generation)
     return len(history)
 
 
@@ -214,7 +216,8 @@ async def scenarios(services: Services, *, with_memories: bool) -> list[Scenario
                 model_id=memories.embedder.model_id,
                 dimensions=memories.embedder.dimensions,
             )
-        found.append(Scenario(key, title, user.id, seeded, fresh_queries=bool(count)))
+        generation = await services.memories.store.generation(user.id) if memory_on else None
+        found.append(Scenario(key, title, user.id, seeded, fresh_queries=bool(count), generation=generation))
     return found
 
 

@@ -107,11 +107,14 @@ class ContextAssembler:
         found = await self._summarizer.latest(conversation_id)
         return found.content if found else None
 
-    async def recall(self, user_id: uuid.UUID, preferences: Preferences, query: str) -> list[str]:
-        """Long-term memories for the prompt (none if the user turned memory off)."""
+    async def recall(
+        self, user_id: uuid.UUID, preferences: Preferences, query: str, *, generation: int | None = None
+    ) -> list[str]:
+        """Long-term memories for the prompt (none if the user turned memory off). `generation`: the
+        user's memory generation if the caller has just read it from the database."""
         if self.memories is None or not preferences.memory_enabled:
             return []
-        return [memory.text for memory in await self.memories.recall(user_id, query)]
+        return [memory.text for memory in await self.memories.recall(user_id, query, generation=generation)]
 
     def after_turn(self, conversation_id: uuid.UUID, history_length: int) -> None:
         if self._summarizer is not None and history_length >= self.window:

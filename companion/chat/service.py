@@ -168,16 +168,18 @@ class ChatService:
         held = contextlib.AsyncExitStack()
         await held.enter_async_context(self._turns.hold(conversation.id))
         try:
-            # Read again now that the turn is ours: its `updated_at` is when the conversation's last
-            # message was stored, which the buffer must end with (see ContextAssembler.history).
-            current = await self._conversations.get(user_id, conversation.id)
-            user_message = await self._conversations.add_message(conversation.id, "user", content)
+            # Read again now that the turn is ours, in the transaction that stores the message: the
+            # conversation's `updated_at` is when its last message was stored, which the buffer must
+            # end with (see ContextAssembler.history); the memory generation keys the recall.
+            user_message, previous_at, generation = await self._conversations.add_turn_message(
+                user_id, conversation.id, content
+            )
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
-            history = await self._context.history(conversation.id, newest, after=stamp(current.updated_at))
+            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
             summary = await self._context.summary(conversation.id)
-            memories = await self._context.recall(user_id, preferences, content)
+            memories = await self._context.recall(user_id, preferences, content, generation=generation)
         except BaseException:
             await held.aclose()
             raise

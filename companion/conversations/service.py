@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, update
 from companion.conversations.schemas import ConversationOut, MessageOut, MessageStatus
 from companion.errors import NotFound
 from companion.storage.database import Database
-from companion.storage.models import Conversation, Message
+from companion.storage.models import Conversation, Message, User
 from companion.types import Clock, utcnow
 
 
@@ -123,6 +123,29 @@ class ConversationService:
             session.add(row)
             await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now))
         return _message_out(row)
+
+    async def add_turn_message(
+        self, user_id: uuid.UUID, conversation_id: uuid.UUID, content: str
+    ) -> tuple[MessageOut, datetime, int]:
+        """Store the user's message that starts a turn, in one transaction that also reads what the
+        turn needs: the conversation's `updated_at` before this message (the stamp of the message
+        stored before it) and the user's memory generation. Raises NotFound if the conversation is
+        gone or is not the user's."""
+        now = self._clock()
+        row = Message(conversation_id=conversation_id, role="user", content=content, status="complete", created_at=now)
+        async with self._db.session() as session:
+            found = (
+                await session.execute(
+                    select(Conversation.updated_at, User.memory_generation)
+                    .join(User, User.id == Conversation.user_id)
+                    .where(Conversation.id == conversation_id, Conversation.user_id == user_id)
+                )
+            ).one_or_none()
+            if found is None:
+                raise _conversation_not_found()
+            session.add(row)
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now))
+        return _message_out(row), found.updated_at, int(found.memory_generation)
 
     async def update_message(
         self,

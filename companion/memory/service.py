@@ -108,16 +108,18 @@ class MemoryService:
 
     # --- recall, for prompts ---------------------------------------------------------------------
 
-    async def recall(self, user_id: uuid.UUID, query: str) -> list[MemoryOut]:
+    async def recall(self, user_id: uuid.UUID, query: str, *, generation: int | None = None) -> list[MemoryOut]:
         """The memories to put in the prompt answering `query`: relevant ones first, then recent
-        ones. Never raises: on a timeout or a failure the reply goes ahead without memories."""
+        ones. Never raises: on a timeout or a failure the reply goes ahead without memories.
+        `generation`: the user's memory generation, if the caller read it from the database just now
+        (a chat turn reads it with the user's message); otherwise it is read here."""
         if not self.enabled:
             return []
         self.stats.recalls += 1
         # Past the deadline the reply goes ahead, but the search itself runs on in the background:
         # the vectors it loads and the result it caches make the next recall fast (a user with many
         # memories may need longer than one deadline to load, and must not time out forever).
-        search = asyncio.ensure_future(self._recall(user_id, query))
+        search = asyncio.ensure_future(self._recall(user_id, query, generation))
         self._track(search)
         try:
             return await asyncio.wait_for(asyncio.shield(search), self.config.deadline_seconds)
@@ -129,8 +131,9 @@ class MemoryService:
             logger.warning("memory recall failed; replying without it", exc_info=True)
         return []
 
-    async def _recall(self, user_id: uuid.UUID, query: str) -> list[MemoryOut]:
-        generation = await self.store.generation(user_id)
+    async def _recall(self, user_id: uuid.UUID, query: str, generation: int | None) -> list[MemoryOut]:
+        if generation is None:
+            generation = await self.store.generation(user_id)
         if generation == 0:
             return []  # never had a memory: no embedding needed
 
