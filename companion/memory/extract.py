@@ -44,9 +44,10 @@ _PEOPLE = (
     r"boyfriend|girlfriend|fianc[eé]e?|friend|best friend|boss|colleague|cousin|aunt|uncle|grandma|grandpa|"
     r"grandmother|grandfather|roommate|neighbou?r|dog|cat|puppy|kitten|pet|bird|horse"
 )
+_ADV = r"(?:just |recently |finally |currently |now |still |already |also |really |usually |often )?"
 _KINDS: list[tuple[str, re.Pattern[str]]] = [
     ("name", re.compile(r"\b(?:my name is|call me|i am called|i'm called|my nickname is)\b", re.I)),
-    ("person", re.compile(rf"\bmy (?:\w+ )?(?:{_PEOPLE})\b|\bi have (?:a|an|two|three|\d+) (?:\w+ )?(?:{_PEOPLE})", re.I)),
+    ("person", re.compile(rf"\bmy (?:\w+ )?(?:{_PEOPLE})\b|\bi(?: have|'ve got| have got|'ve) (?:a|an|two|three|four|\d+) (?:\w+ )?(?:{_PEOPLE})", re.I)),
     (
         "plan",
         re.compile(
@@ -59,7 +60,8 @@ _KINDS: list[tuple[str, re.Pattern[str]]] = [
     (
         "place",
         re.compile(
-            r"\bi (?:live|lived|grew up|was born|moved|work in|work at|study|studied)\b|\bi(?:'m| am) (?:from|based in)\b|"
+            rf"\bi {_ADV}(?:live|lived|grew up|was born|moved|relocated|work in|work at|study|studied)\b|"
+            r"\bi(?:'m| am) (?:from|based in)\b|"
             r"\bmy (?:home|hometown|city|country|town|office|school|university)\b",
             re.I,
         ),
@@ -68,7 +70,8 @@ _KINDS: list[tuple[str, re.Pattern[str]]] = [
         "preference",
         re.compile(
             r"\bi (?:really |truly |absolutely |just )?(?:love|like|enjoy|adore|hate|dislike|prefer|can't stand|"
-            r"cannot stand|don't like|do not like)\b|\bmy fav(?:ou?rite)?\b|\bi(?:'m| am) (?:allergic|vegetarian|vegan|"
+            r"cannot stand|don't like|do not like|don't eat|do not eat|never eat|don't drink|do not drink|never drink)\b|"
+            r"\bmy fav(?:ou?rite)?\b|\bi(?:'m| am) (?:allergic|vegetarian|vegan|"
             r"a fan of|into|afraid of|scared of)\b",
             re.I,
         ),
@@ -77,8 +80,8 @@ _KINDS: list[tuple[str, re.Pattern[str]]] = [
         "fact",
         re.compile(
             r"\bi(?:'m| am) (?:a|an|\d+|learning|studying|training|writing|building|married|engaged|single|retired)\b|"
-            r"\bi(?:'ve| have) been\b|\bi (?:work as|work for|speak|play|have|own|collect|teach|drive|ride|run|paint)\b|"
-            r"\bi (?:broke|lost|won|bought|sold|adopted|finished|graduated|got|started|quit|retired)\b|"
+            rf"\bi(?:'ve| have) been\b|\bi {_ADV}(?:work as|work for|speak|play|have|own|collect|teach|drive|ride|run|paint)\b|"
+            rf"\bi {_ADV}(?:broke|lost|won|bought|sold|adopted|finished|graduated|got|started|quit|retired)\b|"
             r"\bmy (?:birthday|job|work|age|hobby|hobbies|car|phone|degree|major)\b",
             re.I,
         ),
@@ -114,7 +117,7 @@ _COMPOUND_SUBJECT = re.compile(rf"^(?:my ((?:\w+ )?(?:{_PEOPLE})) and (?:i|me)|m
 # ("The user really loves"). A contraction ("can't", "didn't") is left as it is.
 _VERB_AFTER_USER = re.compile(
     r"\b([Tt]he user) ((?:really|truly|absolutely|just|also|usually|often|always|never|still|sometimes|"
-    r"mostly|rarely|actually|totally|themselves) )?"
+    r"mostly|rarely|actually|totally|recently|finally|currently|already|now|themselves) )?"
     r"(?!is\b|has\b|will\b|would\b|wants\b|does\b|was\b|did\b|had\b|and\b|or\b)([a-z]+)\b(?!['\u2019])"
 )
 # Past tenses are left alone: regular ones end in -ed (but "need" is present), these do not.
@@ -122,7 +125,7 @@ _PRESENT_IN_ED = frozenset("need feed bleed breed speed succeed proceed exceed e
 _IRREGULAR_PAST = frozenset(
     "ate became began bought broke brought built came caught chose drove fell felt flew forgot found gave got grew "
     "heard held kept knew left lost made meant met paid ran said sang sat saw sent slept sold spent spoke stood swam "
-    "taught thought told took understood went woke won wore wrote".split()
+    "taught thought told took understood went woke won wore wrote quit cut put set hit let shut hurt spread".split()
 )
 
 
@@ -157,7 +160,12 @@ def third_person(sentence: str) -> str:
     return text if text.endswith((".", "!")) else text + "."
 
 
+# Phones and word processors type curly apostrophes (U+2019): they must read as plain ones.
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
 def sentences(text: str) -> list[str]:
+    text = text.translate(_APOSTROPHES)
     return [" ".join(_UNPRINTABLE.sub("", part).split()) for part in _SENTENCES.findall(text) if part.strip()]
 
 

@@ -36,6 +36,13 @@ FACTS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Me and my dad go fishing every summer.", [("The user and their dad go fishing every summer.", "person")]),
     # places
     ("I live in Lisbon.", [("The user lives in Lisbon.", "place")]),
+    ("I just moved to Denver.", [("The user just moved to Denver.", "place")]),
+    ("I recently moved to Oslo.", [("The user recently moved to Oslo.", "place")]),
+    ("I\u2019m from Chile.", [("The user is from Chile.", "place")]),  # a phone's curly apostrophe
+    ("I\u2019ve got two kids.", [("The user has got two kids.", "person")]),
+    ("I don't eat meat.", [("The user does not eat meat.", "preference")]),
+    ("I never drink coffee.", [("The user never drinks coffee.", "preference")]),
+    ("I finally quit smoking.", [("The user finally quit smoking.", "fact")]),
     ("I live in St. Louis.", [("The user lives in St. Louis.", "place")]),
     ("I'm from Brazil.", [("The user is from Brazil.", "place")]),
     ("I grew up in Ohio.", [("The user grew up in Ohio.", "place")]),
