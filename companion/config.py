@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     memory_retrieval_deadline_ms: float = Field(default=50, gt=0, le=60_000)
     memory_token_budget: int = Field(default=200, ge=0, le=8192)
     memory_max_per_user: int = Field(default=10_000, ge=1, le=1_000_000)
+    memory_vector_store: Literal["auto", "numpy", "pgvector"] = "auto"
     cache_memory_search_ttl_seconds: float = Field(default=300, gt=0)
 
     @field_validator("llm_base_url")

@@ -23,9 +23,11 @@ from companion.config import Settings
 from companion.conversations.buffer import ConversationBuffer, MemoryConversationBuffer, RedisConversationBuffer
 from companion.conversations.service import ConversationService
 from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
+from companion.errors import SettingsError
 from companion.llm.base import LLMProvider
 from companion.llm.factory import build_provider
 from companion.memory.embedder import Embedder, OnnxEmbedder
+from companion.memory.pgvector import PgVectorStore, pgvector_ready
 from companion.memory.service import MemoryConfig, MemoryService
 from companion.memory.store import SqlVectorStore
 from companion.personalities.cached import CachedPersonalityService
@@ -244,6 +246,7 @@ class Services:
         and load the model. Raises ServiceUnavailable if the database cannot be reached."""
         if self.settings.auto_migrate:
             await migrate.upgrade(self.database)
+        await self._choose_vector_store()
         await self.personalities.ensure_builtins()
         await self.conversations.recover_interrupted(older_than=self.clock() - timedelta(minutes=10))
         if self.listener is not None:
@@ -251,6 +254,20 @@ class Services:
         if load_model:
             await self.provider.start()
             await self.memories.start()
+
+    async def _choose_vector_store(self) -> None:
+        """pgvector where the database has it (MEMORY_VECTOR_STORE=auto), else exact numpy search."""
+        wanted = self.settings.memory_vector_store
+        if wanted == "numpy":
+            return
+        if await pgvector_ready(self.database):
+            embedder = self.memories.embedder
+            self.memories.store = PgVectorStore(self.database, model_id=embedder.model_id, dimensions=embedder.dimensions)
+        elif wanted == "pgvector":
+            raise SettingsError(
+                "MEMORY_VECTOR_STORE=pgvector needs PostgreSQL with the pgvector extension installed and "
+                "`companion db upgrade` run after it; set MEMORY_VECTOR_STORE=auto to fall back to numpy."
+            )
 
     async def aclose(self) -> None:
         await self.summarizer.wait_idle()

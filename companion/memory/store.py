@@ -226,6 +226,7 @@ class SqlVectorStore:
         )
         async with self._db.session() as session:
             session.add(row)
+            await self._write_vector(session, row, memory.vector)
             generation = await self._bump(session, user_id)
         added = _out(row)
         self._changed(
@@ -246,6 +247,7 @@ class SqlVectorStore:
                 memory.source_message_id,
                 at,
             )
+            await self._write_vector(session, row, memory.vector)
             generation = await self._bump(session, user_id)
             replaced = _out(row)
 
@@ -298,6 +300,9 @@ class SqlVectorStore:
             user_id, generation, lambda m: _Matrix(generation or 0, [], np.empty((0, self.dimensions), dtype=np.float32))
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def _write_vector(self, session: AsyncSession, row: Memory, vector: np.ndarray) -> None:
+        """Store the vector in any further form a subclass searches (in the change's transaction)."""
 
     @staticmethod
     async def _bump(session: AsyncSession, user_id: uuid.UUID) -> int | None:
