@@ -104,7 +104,7 @@ def test_compose_has_the_services_and_healthchecks():
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
     assert "/health" in " ".join(services["companion"]["healthcheck"]["test"])
-    assert services["postgres"]["image"].startswith("postgres:16")
+    assert services["postgres"]["image"] in ("postgres:16", "pgvector/pgvector:pg16")
     assert services["redis"]["image"].startswith("redis:7")
     assert services["companion"]["build"] == "." and services["migrate"]["image"] == services["companion"]["image"]
 
