@@ -102,13 +102,19 @@ class PrivateRedis:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        end_process(process, grace_seconds=10)
+
+
+def end_process(process: subprocess.Popen[bytes] | None, *, grace_seconds: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_seconds`."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 @dataclass

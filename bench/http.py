@@ -16,7 +16,6 @@ import contextlib
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import httpx
 
 from bench import seed
-from bench.env import BenchEnv, free_port
+from bench.env import BenchEnv, end_process, free_port
 from bench.harness import Stats, format_rate, format_us, percentile, progress, summarize
 from bench.report import Lines, Outcome, Row, Section, Table, latency_table
 
@@ -92,14 +91,7 @@ class Server:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        end_process(process, grace_seconds=30)
 
 
 @dataclass
