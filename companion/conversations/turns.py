@@ -22,6 +22,7 @@ from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
 from companion.cache.redis import RedisBackend
 from companion.errors import Conflict
+from companion.locks import KeyedLocks
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +52,14 @@ class TurnLock(Protocol):
 class LocalTurnLock:
     def __init__(self, *, wait_seconds: float = 30.0) -> None:
         self.wait_seconds = wait_seconds
-        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
-        self._users: dict[uuid.UUID, int] = {}
+        self._locks: KeyedLocks[uuid.UUID] = KeyedLocks()
 
     @contextlib.asynccontextmanager
     async def hold(self, conversation_id: uuid.UUID) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
-        self._users[conversation_id] = self._users.get(conversation_id, 0) + 1
-        try:
-            try:
-                async with asyncio.timeout(self.wait_seconds):
-                    await lock.acquire()
-            except TimeoutError:
-                raise busy(conversation_id) from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            self._users[conversation_id] -= 1
-            if not self._users[conversation_id]:
-                del self._users[conversation_id]
-                del self._locks[conversation_id]
+        async with self._locks.hold(
+            conversation_id, wait_seconds=self.wait_seconds, on_timeout=lambda: busy(conversation_id)
+        ):
+            yield
 
 
 class RedisTurnLock:

@@ -26,6 +26,7 @@ from companion.cache.codec import ModelCodec
 from companion.cache.memory_search import MemorySearchCache
 from companion.errors import CompanionError, Conflict
 from companion.llm.base import LLMProvider
+from companion.locks import KeyedLocks
 from companion.memory.embedder import Embedder
 from companion.memory.extract import Fact, llm_facts, rule_facts, third_person
 from companion.memory.store import MemoryOut, NewMemory, VectorStore
@@ -92,7 +93,7 @@ class MemoryService:
         self._clock = clock
         self.stats = MemoryStats()
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._user_locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._writers: KeyedLocks[uuid.UUID] = KeyedLocks()  # one writer per user in this instance
 
     @property
     def enabled(self) -> bool:
@@ -238,8 +239,7 @@ class MemoryService:
     ) -> builtins.list[MemoryOut]:
         vectors = await self.embedder.embed([fact.text for fact in facts])
         kept: builtins.list[MemoryOut] = []
-        lock = self._user_locks.setdefault(user_id, asyncio.Lock())
-        async with lock:  # one writer per user in this instance: near-duplicates merge, not race
+        async with self._writers.hold(user_id):  # near-duplicates merge, not race
             for fact, vector in zip(facts, vectors, strict=True):
                 memory = NewMemory(fact.text, fact.kind, vector, conversation_id, message_id)
                 nearest = await self.store.search(user_id, vector, 1, min_score=self.config.dedupe_threshold)
@@ -252,6 +252,4 @@ class MemoryService:
                     kept.append(await self.store.add(user_id, memory, self._clock()))
                     self.stats.added += 1
                 self.stats.by_kind[fact.kind] = self.stats.by_kind.get(fact.kind, 0) + 1
-        if not lock.locked():
-            self._user_locks.pop(user_id, None)
         return kept

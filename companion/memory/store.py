@@ -13,7 +13,6 @@ pgvector would plug in here as another `VectorStore`; it is not built (see docs/
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.errors import NotFound
+from companion.locks import KeyedLocks
 from companion.storage.database import Database
 from companion.storage.models import Memory, User
 
@@ -130,7 +130,7 @@ class SqlVectorStore:
         self.dimensions = dimensions
         self._matrices: collections.OrderedDict[uuid.UUID, _Matrix] = collections.OrderedDict()
         self.max_cached_users = max_cached_users
-        self._loading: dict[uuid.UUID, asyncio.Lock] = {}
+        self._loading: KeyedLocks[uuid.UUID] = KeyedLocks()  # one load per user at a time
         self.loads = 0  # matrices loaded from the database (tests and benchmarks read it)
 
     async def generation(self, user_id: uuid.UUID) -> int:
@@ -143,7 +143,7 @@ class SqlVectorStore:
         if cached is not None and generation is not None and cached.generation >= generation:
             self._matrices.move_to_end(user_id)
             return cached
-        async with self._loading.setdefault(user_id, asyncio.Lock()):  # one load per user at a time
+        async with self._loading.hold(user_id):
             cached = self._matrices.get(user_id)
             if cached is not None and generation is not None and cached.generation >= generation:
                 return cached  # loaded (or updated) while this caller waited
@@ -170,8 +170,6 @@ class SqlVectorStore:
             memories = [MemoryOut.model_construct(**{name: getattr(row, name) for name in _FIELDS}) for row in rows]
             matrix = _Matrix(current, memories, vectors)
             self._keep(user_id, matrix)
-        if not self._loading[user_id].locked():
-            self._loading.pop(user_id, None)
         return matrix
 
     def _keep(self, user_id: uuid.UUID, matrix: _Matrix) -> None:
