@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from companion.memory.store import _FIELDS, MemoryOut, SqlVectorStore
+from companion.memory.store import _FIELDS, MemoryOut, SqlVectorStore, _out
 from companion.storage.database import Database
 from companion.storage.models import Memory
 
@@ -58,14 +58,7 @@ class PgVectorStore(SqlVectorStore):
                     {"query": vector_literal(vector), "user_id": user_id, "model": self.model_id, "k": k},
                 )
             ).all()
-        return [
-            MemoryOut(
-                **{name: getattr(row, name) for name in _FIELDS},
-                score=round(float(row.score), 4),
-            )
-            for row in rows
-            if row.score >= min_score
-        ]
+        return [_out(row, score=round(float(row.score), 4)) for row in rows if row.score >= min_score]
 
     async def recent(self, user_id: uuid.UUID, n: int, *, generation: int | None = None) -> list[MemoryOut]:
         page = await self.list(user_id, limit=max(n, 1))

@@ -17,7 +17,7 @@ import builtins
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -56,7 +56,6 @@ class MemoryStats:
     added: int = 0
     updated: int = 0
     extraction_failures: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class _Recalled(BaseModel):
@@ -251,5 +250,4 @@ class MemoryService:
                 else:
                     kept.append(await self.store.add(user_id, memory, self._clock()))
                     self.stats.added += 1
-                self.stats.by_kind[fact.kind] = self.stats.by_kind.get(fact.kind, 0) + 1
         return kept

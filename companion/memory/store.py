@@ -8,7 +8,7 @@ the same transaction; a search reads that generation and reuses the user's vecto
 memory only if it was loaded at that same generation. So the matrix is loaded once per change, not
 once per search, and a deleted memory is never found again, on any instance.
 
-pgvector would plug in here as another `VectorStore`; it is not built (see docs/memory.md).
+Where PostgreSQL has pgvector, `companion/memory/pgvector.py` searches in the database instead.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.errors import NotFound
@@ -98,21 +98,17 @@ class _Matrix:
     vectors: np.ndarray  # (len(memories), dimensions), unit rows
 
 
-def _out(row: Memory, score: float | None = None) -> MemoryOut:
-    return MemoryOut(
-        id=row.id,
-        text=row.text,
-        kind=row.kind,
-        conversation_id=row.conversation_id,
-        source_message_id=row.source_message_id,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        score=score,
-    )
-
-
 _FIELDS = ("id", "text", "kind", "conversation_id", "source_message_id", "created_at", "updated_at")
 _COLUMNS = tuple(getattr(Memory, name) for name in _FIELDS)
+
+
+def _out(row: Any, score: float | None = None) -> MemoryOut:
+    """A memory from an ORM row or a result row with the `_FIELDS` columns."""
+    return MemoryOut(**{name: getattr(row, name) for name in _FIELDS}, score=score)
+
+
+def _generation_of(user_id: uuid.UUID) -> Select[int]:
+    return select(User.memory_generation).where(User.id == user_id)
 
 
 def _row(vector: np.ndarray) -> np.ndarray:
@@ -135,7 +131,7 @@ class SqlVectorStore:
 
     async def generation(self, user_id: uuid.UUID) -> int:
         async with self._db.session() as session:
-            found = await session.scalar(select(User.memory_generation).where(User.id == user_id))
+            found = await session.scalar(_generation_of(user_id))
         return int(found or 0)
 
     async def _matrix(self, user_id: uuid.UUID, generation: int | None) -> _Matrix:
@@ -148,7 +144,7 @@ class SqlVectorStore:
             if cached is not None and generation is not None and cached.generation >= generation:
                 return cached  # loaded (or updated) while this caller waited
             async with self._db.session() as session:  # the generation and the rows from one transaction
-                current = int(await session.scalar(select(User.memory_generation).where(User.id == user_id)) or 0)
+                current = int(await session.scalar(_generation_of(user_id)) or 0)
                 if cached is not None and cached.generation == current:
                     self._matrices.move_to_end(user_id)
                     return cached
