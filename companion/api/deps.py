@@ -53,24 +53,30 @@ async def _authenticate(services: Services, credentials: HTTPAuthorizationCreden
         raise Unauthorized("Missing API key: send `Authorization: Bearer <api key>`.", code="missing_api_key")
     token = credentials.credentials
     if token.startswith(SESSION_PREFIX):
-        session = await services.sessions.authenticate(token)
-        if session is None:
-            raise Unauthorized("Your session has expired or was revoked; sign in again.", code="invalid_session")
-        return session.user_id
+        return await _session_user(services, token)
     return await services.users.authenticate(token)
 
 
-async def _authenticate_cookie(services: Services, request: Request, token: str) -> uuid.UUID:
-    # Browsers attach cookies to requests other sites trigger; only a same-origin script can read
-    # the CSRF token and send it back.
-    if request.method not in SAFE_METHODS and not csrf_matches(token, request.headers.get(CSRF_HEADER)):
-        raise Forbidden(
-            f"Missing or wrong {CSRF_HEADER} header; reload the page and try again.", code="csrf_token_invalid"
-        )
+async def _session_user(services: Services, token: str) -> uuid.UUID:
     session = await services.sessions.authenticate(token)
     if session is None:
         raise Unauthorized("Your session has expired or was revoked; sign in again.", code="invalid_session")
     return session.user_id
+
+
+def require_csrf(request: Request, session_token: str) -> None:
+    """403 unless the request carries this session's CSRF token. Browsers attach cookies to requests
+    other sites trigger; only a same-origin script can read the token and send it back."""
+    if not csrf_matches(session_token, request.headers.get(CSRF_HEADER)):
+        raise Forbidden(
+            f"Missing or wrong {CSRF_HEADER} header; reload the page and try again.", code="csrf_token_invalid"
+        )
+
+
+async def _authenticate_cookie(services: Services, request: Request, token: str) -> uuid.UUID:
+    if request.method not in SAFE_METHODS:
+        require_csrf(request, token)
+    return await _session_user(services, token)
 
 
 async def current_user(

@@ -13,10 +13,10 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from companion.api.deps import SESSION_COOKIE, ServicesDep, client_ip
+from companion.api.deps import SESSION_COOKIE, ServicesDep, client_ip, require_csrf
 from companion.errors import Forbidden, NotFound, Unauthorized
 from companion.services import Services
-from companion.sessions.csrf import CSRF_HEADER, csrf_matches, csrf_token
+from companion.sessions.csrf import CSRF_HEADER, csrf_token
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Everything the page loads comes from this origin; no inline script or style, no framing.
@@ -76,6 +76,19 @@ def _set_cookie(response: Response, services: Services, token: str) -> None:
     )
 
 
+def _signed_in(
+    response: Response, services: Services, token: str, user_id: uuid.UUID, session_id: str
+) -> WebSession:
+    """Set (or renew) the session cookie; the page's view of its session, with the CSRF token."""
+    _set_cookie(response, services, token)
+    return WebSession(
+        user_id=user_id,
+        session_id=session_id,
+        csrf_token=csrf_token(token),
+        expires_in=int(services.sessions.ttl_seconds),
+    )
+
+
 def _clear_cookie(response: Response, services: Services) -> None:
     response.delete_cookie(
         SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=services.settings.session_cookie_secure
@@ -108,10 +121,7 @@ async def sign_in(
             await services.rate_limits.auth_failed(client_ip(request, services))
         raise
     token, info = await services.sessions.create(user_id, user_agent=user_agent)
-    _set_cookie(response, services, token)
-    return WebSession(
-        user_id=user_id, session_id=info.id, csrf_token=csrf_token(token), expires_in=int(services.sessions.ttl_seconds)
-    )
+    return _signed_in(response, services, token, user_id, info.id)
 
 
 @router.get("/web/session", response_model=WebSession)
@@ -124,13 +134,7 @@ async def current_session(
     session = await services.sessions.authenticate(token) if token else None
     if token is None or session is None:
         raise Unauthorized("You are not signed in.", code="invalid_session")
-    _set_cookie(response, services, token)
-    return WebSession(
-        user_id=session.user_id,
-        session_id=session.id,
-        csrf_token=csrf_token(token),
-        expires_in=int(services.sessions.ttl_seconds),
-    )
+    return _signed_in(response, services, token, session.user_id, session.id)
 
 
 @router.post("/web/signout", status_code=204)
@@ -141,8 +145,7 @@ async def sign_out(
 ) -> Response:
     """Revoke the page's session on the server and drop its cookie."""
     if token:
-        if not csrf_matches(token, request.headers.get(CSRF_HEADER)):
-            raise Forbidden(f"Missing or wrong {CSRF_HEADER} header.", code="csrf_token_invalid")
+        require_csrf(request, token)
         session = await services.sessions.authenticate(token)
         if session is not None:
             try:
