@@ -19,6 +19,10 @@ class KeyedLocks(Generic[K]):
     def __len__(self) -> int:
         return len(self._locks)
 
+    def users(self, key: K) -> int:
+        """How many hold or wait for `key` right now."""
+        return self._users.get(key, 0)
+
     @contextlib.asynccontextmanager
     async def hold(
         self, key: K, *, wait_seconds: float | None = None, on_timeout: Callable[[], Exception] | None = None

@@ -34,6 +34,7 @@ async def test_one_holder_per_key_and_keys_are_independent() -> None:
     ]
     await wait_for(lambda: len(inside) == 2, what="two holders")
     assert sorted(inside) == ["a1", "b1"]  # a2 waits for a1
+    assert (locks.users("a"), locks.users("b"), locks.users("c")) == (2, 1, 0)
     release.set()
     await asyncio.gather(*tasks)
     assert inside == [] and len(locks) == 0

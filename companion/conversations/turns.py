@@ -61,6 +61,10 @@ class LocalTurnLock:
         ):
             yield
 
+    def users(self, conversation_id: uuid.UUID) -> int:
+        """Turns of this instance holding or waiting for the conversation."""
+        return self._locks.users(conversation_id)
+
 
 class RedisTurnLock:
     def __init__(

@@ -121,7 +121,7 @@ def turns_waiting(services: Services, conversation_id: str) -> int:
     lock = services.chat._turns
     local = lock._local if isinstance(lock, RedisTurnLock) else lock
     assert isinstance(local, LocalTurnLock)
-    return local._users.get(uuid.UUID(conversation_id), 0)
+    return local.users(uuid.UUID(conversation_id))
 
 
 # --- SQL -----------------------------------------------------------------------------------------
