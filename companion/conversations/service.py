@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.conversations.schemas import ConversationOut, MessageOut, MessageStatus
 from companion.errors import NotFound
@@ -37,6 +38,14 @@ def _message_out(row: Message) -> MessageOut:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
         created_at=row.created_at,
+    )
+
+
+async def _append(session: AsyncSession, message: Message) -> None:
+    """Add the message and mark its conversation active as of the message's time."""
+    session.add(message)
+    await session.execute(
+        update(Conversation).where(Conversation.id == message.conversation_id).values(updated_at=message.created_at)
     )
 
 
@@ -120,8 +129,7 @@ class ConversationService:
         now = self._clock()
         row = Message(conversation_id=conversation_id, role=role, content=content, status=status, created_at=now)
         async with self._db.session() as session:
-            session.add(row)
-            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now))
+            await _append(session, row)
         return _message_out(row)
 
     async def add_turn_message(
@@ -143,8 +151,7 @@ class ConversationService:
             ).one_or_none()
             if found is None:
                 raise _conversation_not_found()
-            session.add(row)
-            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now))
+            await _append(session, row)
         return _message_out(row), found.updated_at, int(found.memory_generation)
 
     async def update_message(
