@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.errors import InvalidInput
 from companion.memory.store import MemoryOut
-from companion.types import check_text
+from companion.types import NonBlankText
 
 router = APIRouter(prefix="/v1/memories", tags=["memories"])
 
@@ -25,42 +25,38 @@ class MemoryList(BaseModel):
 class MemoryCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=300, description="A fact to remember, e.g. 'I am vegetarian.'")
+    text: Annotated[NonBlankText, Field(max_length=300, description="A fact to remember, e.g. 'I am vegetarian.'")]
 
 
 class Deleted(BaseModel):
     deleted: int
 
 
-def _checked(value: str, param: str) -> str:
-    value = " ".join(value.split())
-    try:
-        check_text(value)
-    except ValueError as error:
-        raise InvalidInput(f"The {param} is not acceptable: {error}.", param=param) from None
-    if not value:
-        raise InvalidInput(f"The {param} is empty.", param=param)
-    return value
+def _spaced(value: str) -> str:
+    """One space between words: how memories are stored and searched."""
+    return " ".join(value.split())
 
 
 @router.get("", response_model=MemoryList)
 async def list_memories(
     user_id: UserIdDep,
     services: ServicesDep,
-    query: Annotated[str | None, Query(max_length=1000, description="Search by meaning, best match first.")] = None,
+    query: Annotated[
+        NonBlankText | None, Query(max_length=1000, description="Search by meaning, best match first.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> MemoryList:
     """Newest first; with `query`, the `limit` memories closest in meaning, each with its `score`."""
     if query is not None:
-        return MemoryList(data=await services.memories.search(user_id, _checked(query, "query"), limit=limit))
+        return MemoryList(data=await services.memories.search(user_id, _spaced(query), limit=limit))
     return MemoryList(data=await services.memories.list(user_id, limit=limit, offset=offset))
 
 
 @router.post("", status_code=201, response_model=MemoryOut)
 async def add_memory(body: MemoryCreate, user_id: UserIdDep, services: ServicesDep) -> MemoryOut:
     """Remember something on purpose. A near-duplicate of a kept memory updates it instead."""
-    stored = await services.memories.add(user_id, _checked(body.text, "text"))
+    stored = await services.memories.add(user_id, _spaced(body.text))
     if stored is None:
         raise InvalidInput(
             f"You have reached the maximum of {services.memories.config.max_per_user} memories; delete some first.",
