@@ -25,7 +25,7 @@ from companion.cache import keys
 from companion.cache.codec import ModelCodec
 from companion.cache.tiered import Cached, TieredCache
 from companion.errors import CompanionError
-from companion.llm.base import ChatMessage, GenerationParams, LLMProvider
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, complete
 from companion.storage.database import Database
 from companion.storage.models import ConversationSummary, Message
 from companion.types import Clock, utcnow
@@ -180,12 +180,9 @@ class Summarizer:
             ),
             ChatMessage("user", transcript[-6000:]),
         ]
-        parts: list[str] = []
         try:
-            async for chunk in self._provider.stream(prompt, GenerationParams(max_tokens=120, temperature=0.2)):
-                parts.append(chunk.text)
+            text = await complete(self._provider, prompt, GenerationParams(max_tokens=120, temperature=0.2))
         except CompanionError:
             logger.warning("LLM summary failed; using the extractive one")
             return extractive(messages)
-        text = "".join(parts).strip()
-        return text or extractive(messages)
+        return text.strip() or extractive(messages)

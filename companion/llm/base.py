@@ -79,3 +79,9 @@ class LLMProvider(Protocol):
 def estimate_tokens(text: str) -> int:
     """A conservative token estimate (about 3 characters a token for English BPE vocabularies)."""
     return len(text) // 3 + 4
+
+
+async def complete(provider: LLMProvider, messages: Sequence[ChatMessage], params: GenerationParams) -> str:
+    """The whole reply as one string, for background work (summaries, memory extraction). Raises
+    what `stream` raises."""
+    return "".join([chunk.text async for chunk in provider.stream(messages, params)])

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from companion.errors import CompanionError
-from companion.llm.base import ChatMessage, GenerationParams, LLMProvider
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, complete
 
 logger = logging.getLogger(__name__)
 
@@ -236,11 +236,9 @@ def parse_llm_facts(output: str, *, limit: int = 5) -> list[str]:
 
 async def llm_facts(provider: LLMProvider, message: str) -> list[Fact]:
     prompt = [ChatMessage("system", EXTRACTION_PROMPT), ChatMessage("user", message[:4000])]
-    parts: list[str] = []
     try:
-        async for chunk in provider.stream(prompt, GenerationParams(max_tokens=160, temperature=0.0)):
-            parts.append(chunk.text)
+        answer = await complete(provider, prompt, GenerationParams(max_tokens=160, temperature=0.0))
     except CompanionError:
         logger.warning("LLM memory extraction failed; keeping the rule-based facts only")
         return []
-    return [Fact(text, "fact") for text in parse_llm_facts("".join(parts))]
+    return [Fact(text, "fact") for text in parse_llm_facts(answer)]
