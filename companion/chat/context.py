@@ -1,6 +1,6 @@
 """Context assembly: everything read before the model is called (personality, preferences, the
-running summary, the recent messages and the long-term memories), from the caches, with the database as the fallback for
-each. The recent messages come from the conversation buffer; a miss rebuilds it from the database,
+running summary, the recent messages and the long-term memories), from the caches, with the
+database as the fallback for each. The recent messages come from the conversation buffer; a miss rebuilds it from the database,
 and a buffer that could not be updated is dropped (now or, if Redis is down, on recovery), so it can
 only ever be missing, never wrong. Another instance may reach Redis before that drop (or Redis may
 come back with the old list), so each append also checks that the buffer ends with the message the
@@ -9,7 +9,6 @@ database has just before the new one (by stamp), and rebuilds it if not."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 
 from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
@@ -23,14 +22,6 @@ from companion.personalities.schemas import PersonalityOut
 from companion.personalities.service import PersonalityService
 from companion.preferences.schemas import Preferences
 from companion.preferences.service import PreferenceService
-
-
-@dataclass(frozen=True)
-class Context:
-    personality: PersonalityOut
-    preferences: Preferences
-    summary: str | None
-    history: list[BufferedMessage]  # oldest first, ending with the newest user message
 
 
 class ContextAssembler:
