@@ -174,14 +174,14 @@ class SqlVectorStore:
         while len(self._matrices) > self.max_cached_users:
             self._matrices.popitem(last=False)
 
-    def _changed(self, user_id: uuid.UUID, generation: int | None, change: Callable[[_Matrix], _Matrix] | None) -> None:
+    def _changed(self, user_id: uuid.UUID, generation: int | None, change: Callable[[_Matrix], _Matrix]) -> None:
         """After this instance committed one change that took the user from `generation - 1` to
         `generation`: apply it to the cached matrix if that is exactly the state before it (so a
         memory added by extraction costs no reload of all the user's vectors); otherwise drop it."""
         cached = self._matrices.get(user_id)
         if cached is None:
             return
-        if generation is None or change is None or cached.generation != generation - 1:
+        if generation is None or cached.generation != generation - 1:
             self._matrices.pop(user_id, None)
             return
         self._keep(user_id, change(cached))
