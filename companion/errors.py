@@ -8,6 +8,7 @@
     ├── NotFound                 404  missing, or owned by another user (never 403: ids don't leak)
     ├── Conflict                 409  e.g. a personality name the user already has
     ├── ServiceUnavailable       503  the database cannot be reached; retry shortly
+    │   └── Overloaded           503  this instance is busy (admission control, a full queue); retry after
     └── ProviderError            502  the LLM provider failed
         └── ProviderTimeout      504  the LLM provider did not answer in time
 
@@ -75,6 +76,18 @@ class ServiceUnavailable(CompanionError):
     status_code = 503
     error_type = "service_unavailable"
     code = "database_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    """The instance is healthy but busy: a bounded queue is full or its wait ran out. Nothing was stored.
+
+    Answered as 503 with `Retry-After` (whole seconds), never confused with a dependency outage."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = max(1, int(retry_after))
 
 
 class ProviderError(CompanionError):

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from companion.errors import CompanionError, ServiceUnavailable, error_body
+from companion.errors import CompanionError, Overloaded, ServiceUnavailable, error_body
 from companion.ratelimit.policy import RateLimited
 from companion.storage.database import UNAVAILABLE_ERRORS
 
@@ -43,7 +43,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _companion(_: Request, error: CompanionError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
         if error.status_code == 503:
-            headers = {"Retry-After": "5"}
+            headers = {"Retry-After": str(error.retry_after if isinstance(error, Overloaded) else 5)}
         if isinstance(error, RateLimited):
             headers = error.headers()
         return _json(error.status_code, error.to_body(), headers)
