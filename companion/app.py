@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from companion import __version__
 from companion.api import (
+    api_keys,
     conversations,
     health,
     memories,
@@ -56,7 +57,17 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RateLimitMiddleware)
-    for module in (health, metrics, personalities, preferences, conversations, memories, sessions, openai_compat):
+    for module in (
+        health,
+        metrics,
+        personalities,
+        preferences,
+        conversations,
+        memories,
+        sessions,
+        api_keys,
+        openai_compat,
+    ):
         app.include_router(module.router)
     web.install(app)  # the chat page at /
     logging.getLogger("companion").setLevel(settings.log_level)

@@ -27,8 +27,9 @@ from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
 from companion.conversations.service import ConversationService
 from companion.conversations.turns import LocalTurnLock, TurnLock
-from companion.errors import CompanionError, InvalidInput
-from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
+from companion.errors import CompanionError, InvalidInput, ServiceUnavailable
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage, estimate_tokens
+from companion.preferences.schemas import Preferences
 from companion.ratelimit.quotas import TokenQuotas
 from companion.types import check_text
 
@@ -67,6 +68,8 @@ class Turn:
     release: Callable[[], Awaitable[None]] = _nothing
     history_length: int = 0
     learn: bool = False  # extract long-term memories from the user's message afterwards
+    prompt_tokens: int = 0  # estimated; what the quota is charged when the model reports no usage
+    reserved_tokens: int = 0  # charged to the user's token quota so far (trued up when it settles)
 
 
 @dataclass(frozen=True)
@@ -160,43 +163,57 @@ class ChatService:
 
         Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
         reply is still streaming here and did not finish in time), RateLimited (429: token quota
-        spent), ServiceUnavailable (503). Nothing is stored when it raises.
+        spent), ServiceUnavailable (503). Nothing is stored when it raises: once the message is
+        stored, the turn goes ahead with whatever context could be read (as recall already does).
         """
         content = self.check_message(content)
         personality, preferences = await self._context.profile(user_id, conversation)
-        await self._check_quota(user_id)
+        params = GenerationParams(
+            max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
+            temperature=self.limits.temperature if temperature is None else temperature,
+            repeat_penalty=self.limits.repeat_penalty,
+        )
+        token_budget = self.limits.context_tokens - params.max_tokens
+        # The worst case (the whole prompt budget, then max_tokens), before anything is stored:
+        # concurrent replies see each other's reservations. Trued up below and when it settles.
+        reserved = await self._reserve(user_id, token_budget + params.max_tokens)
         held = contextlib.AsyncExitStack()
-        await held.enter_async_context(self._turns.hold(conversation.id))
         try:
+            await held.enter_async_context(self._turns.hold(conversation.id))
             # Read again now that the turn is ours, in the transaction that stores the message: the
             # conversation's `updated_at` is when its last message was stored, which the buffer must
             # end with (see ContextAssembler.history); the memory generation keys the recall.
             user_message, previous_at, generation = await self._conversations.add_turn_message(
                 user_id, conversation.id, content
             )
+        except BaseException:
+            await held.aclose()
+            await self._give_back(user_id, reserved)
+            raise
+        try:
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
-            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
-            summary = await self._context.summary(conversation.id)
-            memories = await self._context.recall(user_id, preferences, content, generation=generation)
+            history, summary, memories = await self._read_context(
+                user_id, conversation, newest, previous_at, preferences, generation
+            )
+            prompt = build_prompt(
+                personality,
+                preferences,
+                history,
+                token_budget=token_budget,
+                summary=summary,
+                memories=memories,
+                memory_budget=self.limits.memory_tokens,
+            )
+            prompt_tokens = sum(estimate_tokens(message.content) for message in prompt)
+            # Charge the real prompt now, generation's maximum stays reserved until it settles.
+            if reserved:
+                await self._true_up(user_id, prompt_tokens + params.max_tokens - reserved)
+                reserved = prompt_tokens + params.max_tokens
         except BaseException:
             await held.aclose()
             raise
-        params = GenerationParams(
-            max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
-            temperature=self.limits.temperature if temperature is None else temperature,
-            repeat_penalty=self.limits.repeat_penalty,
-        )
-        prompt = build_prompt(
-            personality,
-            preferences,
-            history,
-            token_budget=self.limits.context_tokens - params.max_tokens,
-            summary=summary,
-            memories=memories,
-            memory_budget=self.limits.memory_tokens,
-        )
         return Turn(
             user_id,
             conversation,
@@ -206,11 +223,55 @@ class ChatService:
             held.aclose,
             len(history),
             learn=preferences.memory_enabled,
+            prompt_tokens=prompt_tokens,
+            reserved_tokens=reserved,
         )
 
-    async def _check_quota(self, user_id: uuid.UUID) -> None:
-        if self._quotas is not None and self._quotas.enabled:
-            await self._quotas.enforce(user_id)  # 429 token_quota_exceeded
+    async def _read_context(
+        self,
+        user_id: uuid.UUID,
+        conversation: ConversationOut,
+        newest: BufferedMessage,
+        previous_at: datetime,
+        preferences: Preferences,
+        generation: int,
+    ) -> tuple[list[BufferedMessage], str | None, list[str]]:
+        """History, summary and memories for the prompt. The message is stored already, so a read
+        that fails (the database going away) leaves that part out rather than the turn unanswered."""
+        try:
+            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
+        except ServiceUnavailable:
+            logger.warning("answering conversation %s without its history: unreadable", conversation.id)
+            history = [newest]
+        try:
+            summary = await self._context.summary(conversation.id)
+        except ServiceUnavailable:
+            summary = None
+        try:
+            memories = await self._context.recall(user_id, preferences, newest.content, generation=generation)
+        except ServiceUnavailable:
+            memories = []
+        return history, summary, memories
+
+    async def _reserve(self, user_id: uuid.UUID, tokens: int) -> int:
+        """Reserve `tokens` of the user's quota (429 when used up); what was reserved (0: no quotas)."""
+        if self._quotas is None or not self._quotas.enabled:
+            return 0
+        await self._quotas.reserve(user_id, tokens)
+        return tokens
+
+    async def _give_back(self, user_id: uuid.UUID, tokens: int) -> None:
+        if tokens:
+            with anyio.CancelScope(shield=True):
+                await self._true_up(user_id, -tokens)
+
+    async def _true_up(self, user_id: uuid.UUID, delta: int) -> None:
+        if self._quotas is None or not delta:
+            return
+        try:
+            await self._quotas.adjust(user_id, delta)
+        except (CompanionError, CacheUnavailable):
+            logger.warning("could not adjust the token quota by %d", delta, exc_info=True)
 
     async def run(self, turn: Turn) -> AsyncIterator[ChatEvent]:
         """Generate and persist the reply, yielding its tokens and then one DoneEvent or ErrorEvent.
@@ -262,7 +323,7 @@ class ChatService:
         if failure is not None:
             yield failure
             return
-        usage = reply.usage or Usage(0, len(reply.parts))
+        usage = reply.usage or Usage(turn.prompt_tokens, len(reply.parts))
         assert reply.message_id is not None
         yield DoneEvent(reply.message_id, turn.user_message.id, reply.text, usage, reply.finish_reason)
 
@@ -315,8 +376,12 @@ class ChatService:
     async def _settle(self, turn: Turn, reply: _Reply, status: str) -> None:
         await self._stop_flushing(reply)
         if reply.message_id is None:
+            # Nothing generated: only the prompt was spent (charged when generation started).
+            await self._true_up(turn.user_id, turn.prompt_tokens - turn.reserved_tokens if turn.reserved_tokens else 0)
             return
-        usage = reply.usage or Usage(0, len(reply.parts))
+        # Without the model's report (it failed, or the client left first), the estimated prompt and
+        # one token per chunk: the prompt, most of a turn's tokens, is never left uncharged.
+        usage = reply.usage or Usage(turn.prompt_tokens, len(reply.parts))
         await self._conversations.update_message(
             reply.message_id,
             reply.text,
@@ -330,11 +395,9 @@ class ChatService:
             BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
             after=stamp(turn.user_message.created_at),
         )
-        if self._quotas is not None and self._quotas.enabled:
-            try:
-                await self._quotas.charge(turn.user_id, usage.total_tokens)
-            except (CompanionError, CacheUnavailable):
-                logger.warning("could not charge %d tokens to the quota", usage.total_tokens, exc_info=True)
+        if turn.reserved_tokens:
+            # After the reply is saved: a counter rebuilt from the database from now on includes it.
+            await self._true_up(turn.user_id, usage.total_tokens - turn.reserved_tokens)
 
     async def _settle_quietly(self, turn: Turn, reply: _Reply, status: str) -> bool:
         try:
