@@ -241,10 +241,13 @@ class TokenQuotas:
                         args[1] = await self._used_in_database(user_id, window)
                         value = int(await redis.run(lambda: script(keys=[key], args=args)))
                     return value
-                current = await backend.get(key)
-                used = int(current) if current is not None else await self._used_in_database(user_id, window)
+                # In process (Redis off, or down): no await between the read and the write below,
+                # so it is as atomic as the script; a rebuild only creates a counter still missing.
+                if await backend.get(key) is None:
+                    total = await self._used_in_database(user_id, window)
+                    await backend.add(key, str(total).encode(), ttl_ms / 1000)
+                used = int(await backend.get(key) or 0)
                 if used >= window.quota:
-                    await backend.set(key, str(used).encode(), ttl_ms / 1000)
                     return -2
                 await backend.set(key, str(used + tokens).encode(), ttl_ms / 1000)
                 return used + tokens
