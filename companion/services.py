@@ -143,7 +143,7 @@ class Services:
             fallback=MemoryBackend() if redis_backend is not None else None,
             clock=clock,
         )
-        conversations = ConversationService(database, clock)
+        conversations = ConversationService(database, clock, max_per_user=settings.conversations_max_per_user)
         personalities = CachedPersonalityService(
             database,
             cache,
@@ -151,6 +151,7 @@ class Services:
             ttl=settings.cache_personality_ttl_seconds,
             local_ttl=settings.cache_local_ttl_seconds,
             miss_ttl=settings.cache_miss_ttl_seconds,
+            max_per_user=settings.personalities_max_per_user,
         )
         preferences = CachedPreferenceService(
             database,

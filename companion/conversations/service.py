@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.conversations.schemas import ConversationOut, MessageOut, MessageStatus
-from companion.errors import NotFound
+from companion.errors import Conflict, NotFound
 from companion.storage.database import Database
 from companion.storage.models import Conversation, Message, User
 from companion.types import Clock, utcnow
@@ -54,11 +54,13 @@ def _conversation_not_found() -> NotFound:
 
 
 class ConversationService:
-    def __init__(self, database: Database, clock: Clock = utcnow) -> None:
+    def __init__(self, database: Database, clock: Clock = utcnow, *, max_per_user: int = 10_000) -> None:
         self._db = database
         self._clock = clock
+        self.max_per_user = max_per_user  # CONVERSATIONS_MAX_PER_USER
 
     async def create(self, user_id: uuid.UUID, personality_name: str, title: str | None = None) -> ConversationOut:
+        """Raises Conflict (409 `too_many_conversations`) past CONVERSATIONS_MAX_PER_USER."""
         now = self._clock()
         row = Conversation(
             id=uuid.uuid4(),
@@ -69,6 +71,13 @@ class ConversationService:
             updated_at=now,
         )
         async with self._db.session() as session:
+            held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
+            if held >= self.max_per_user:
+                raise Conflict(
+                    f"You already have {held} conversations (CONVERSATIONS_MAX_PER_USER={self.max_per_user}); "
+                    "delete some first (DELETE /v1/conversations/{id}).",
+                    code="too_many_conversations",
+                )
             session.add(row)
         return _conversation_out(row)
 
