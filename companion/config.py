@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     llm_repeat_penalty: float = Field(default=1.1, ge=0.5, le=2.0)
     llm_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     llm_max_retries: int = Field(default=2, ge=0, le=10)
+    # The local model: generation slots (0: two per core, 2 to 8) and the bounded queue before them.
+    llm_parallel: int = Field(default=0, ge=0, le=64)
+    llm_queue_size: int = Field(default=16, ge=0, le=10_000)
+    llm_queue_wait_seconds: float = Field(default=15.0, gt=0, le=600)
 
     short_term_memory_size: int = Field(default=20, ge=1, le=500)
     max_message_chars: int = Field(default=8000, ge=1, le=200_000)

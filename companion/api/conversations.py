@@ -19,7 +19,7 @@ from companion.conversations.schemas import (
     MessageIn,
     MessagePage,
 )
-from companion.errors import CompanionError
+from companion.errors import CompanionError, Overloaded
 from companion.services import Services
 from companion.types import is_valid_name
 
@@ -114,7 +114,9 @@ async def last_event(first: ChatEvent, events: AsyncIterator[ChatEvent]) -> Chat
 
 
 def error_response(error: CompanionError) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=error.status_code)
+    # A busy model (its bounded queue full) says when to come back, as every 503 overloaded does.
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
 @router.post(
