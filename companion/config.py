@@ -92,9 +92,9 @@ class Settings(BaseSettings):
     # Admission control, per worker (docs/deployment.md: sizing): concurrent chat turns and other
     # requests, the queue in front of each, and the longest wait in it; past that, 503 `overloaded`.
     admission_max_turns: int = Field(default=16, ge=1, le=100_000)
-    admission_turn_queue: int = Field(default=32, ge=0, le=100_000)
+    admission_turn_queue: int = Field(default=128, ge=0, le=100_000)
     admission_max_requests: int = Field(default=64, ge=1, le=100_000)
-    admission_request_queue: int = Field(default=128, ge=0, le=100_000)
+    admission_request_queue: int = Field(default=256, ge=0, le=100_000)
     admission_queue_timeout_seconds: float = Field(default=5.0, ge=0, le=600)
 
     memory_enabled: bool = True

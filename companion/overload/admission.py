@@ -6,6 +6,10 @@ A `Gate` is one class of work (chat turns, other requests) with its limit, queue
 longest a request may wait in the queue; `Permit` is one admitted request's slot, released exactly
 once, by whoever holds it last: the HTTP layer, or the turn itself when it outlives the request
 (`Permit.hand_over`). Waiters are served first come, first served.
+
+The queue is short in time rather than in length: a request that would, at the rate slots have been
+freed lately, wait longer than `max_wait` is refused at once instead of being refused after waiting
+(Little's law: the wait ahead of it is the queue length times the mean hold time over the limit).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 class GateStats:
     admitted: int = 0  # got a slot, at once or after queueing
     queued: int = 0  # had to wait in the queue (admitted or shed afterwards)
-    shed_full: int = 0  # refused at once: the queue was full
+    shed_full: int = 0  # refused at once: the queue was full, or its expected wait past max_wait
     shed_timeout: int = 0  # waited the longest allowed in the queue, then refused
     wait_sum: float = 0.0
     wait_buckets: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
@@ -90,12 +94,19 @@ class Gate:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.stats = GateStats()
-        # A running mean of how long a permit is held: the Retry-After estimate.
+        # A running mean of how long a permit is held: the expected wait and the Retry-After estimate.
         self._mean_hold = 0.0
+        self._holds = 0
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def expected_wait(self) -> float:
+        """Seconds a request joining the queue now would likely wait (0 until slots were released)."""
+        if self._holds < self.limit:  # too few releases yet for a mean worth acting on
+            return 0.0
+        return self._mean_hold * (self.waiting + 1) / self.limit
 
     def retry_after(self) -> int:
         """Whole seconds after which a retry is likely to be admitted: the queue ahead of it, at the
@@ -113,7 +124,7 @@ class Gate:
             self.in_flight += 1
             self.stats.admitted += 1
             return Permit(self, self._clock())
-        if len(self._waiters) >= self.queue:
+        if len(self._waiters) >= self.queue or self.expected_wait() > self.max_wait:
             self.stats.shed_full += 1
             raise self._refuse()
         self.stats.queued += 1
@@ -152,7 +163,8 @@ class Gate:
 
     def _release(self, held: float | None) -> None:
         if held is not None:
-            self._mean_hold += (held - self._mean_hold) * 0.1
+            self._holds += 1
+            self._mean_hold += (held - self._mean_hold) * (0.1 if self._holds > 10 else 1 / self._holds)
         # The slot passes straight to the next waiter (in_flight stays), or is freed.
         while self._waiters:
             waiter = self._waiters.popleft()

@@ -154,3 +154,29 @@ def test_admission_builds_one_gate_for_turns_and_one_for_other_requests() -> Non
     assert set(admission.gates()) == {"turn", "other"}
     with pytest.raises(ValueError):
         Gate("bad", limit=0, queue=0, max_wait=0)
+
+
+async def test_a_request_that_would_wait_longer_than_the_longest_wait_is_refused_at_once() -> None:
+    now = [0.0]
+    gate = Gate("turns", limit=2, queue=100, max_wait=10, clock=lambda: now[0])
+    for _ in range(20):  # slots have been held 4 s each: two slots free one every 2 s
+        permits = [await gate.acquire(), await gate.acquire()]
+        now[0] += 4.0
+        for permit in permits:
+            permit.release()
+    holders = [await gate.acquire(), await gate.acquire()]
+    waiters = []
+    for _ in range(4):  # waits of 2, 4, 6, 8 s ahead: queued
+        waiters.append(asyncio.create_task(gate.acquire()))
+        await _queued(gate, len(waiters))
+    assert gate.expected_wait() == pytest.approx(10.0)
+    waiters.append(asyncio.create_task(gate.acquire()))  # 10 s: still within the longest wait
+    await _queued(gate, 5)
+    with pytest.raises(Overloaded):  # 12 s: refused now rather than after waiting 10
+        await gate.acquire()
+    assert (gate.stats.shed_full, gate.stats.shed_timeout, gate.waiting) == (1, 0, 5)
+    for permit in holders:
+        permit.release()
+    for waiter in waiters:
+        (await waiter).release()
+    assert gate.in_flight == 0
