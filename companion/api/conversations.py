@@ -6,9 +6,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.responses import JSONResponse
 
+from companion.api.admission import hold_for_turn
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
 from companion.chat.service import ChatEvent, DoneEvent, ErrorEvent, TokenEvent, Turn
@@ -124,11 +125,11 @@ def error_response(error: CompanionError) -> JSONResponse:
     responses={200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}},
 )
 async def post_message(
-    conversation_id: uuid.UUID, body: MessageIn, user_id: UserIdDep, services: ServicesDep
+    conversation_id: uuid.UUID, body: MessageIn, user_id: UserIdDep, services: ServicesDep, request: Request
 ) -> Response:
     """Send a message; the reply streams back (see the response description)."""
     conversation = await services.conversations.get(user_id, conversation_id)
-    turn = await services.chat.begin(user_id, conversation, body.content)
+    turn = hold_for_turn(request, await services.chat.begin(user_id, conversation, body.content))
     events = services.chat.run(turn)
     first = await first_event(events)
     if isinstance(first, ErrorEvent) and first.message_id is None:

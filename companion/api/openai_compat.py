@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from companion.api.admission import hold_for_turn
 from companion.api.conversations import error_response, first_event, last_event
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
@@ -95,6 +96,7 @@ async def chat_completions(
     body: ChatCompletionRequest,
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     x_conversation_id: Annotated[uuid.UUID | None, Header()] = None,
 ) -> Response:
     """Chat with a personality through any OpenAI client (stream or not)."""
@@ -115,6 +117,7 @@ async def chat_completions(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
     )
+    turn = hold_for_turn(request, turn)
     events = services.chat.run(turn)
     first = await first_event(events)
     if isinstance(first, ErrorEvent) and first.message_id is None:
