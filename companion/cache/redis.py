@@ -1,6 +1,10 @@
 """The Redis cache backend: `redis.asyncio` with hiredis, one connection pool, an explicit `Retry`
 with backoff, timeouts in milliseconds, a health-check interval and a client name. Every call goes
-through a circuit breaker, and any Redis error surfaces as `CacheUnavailable`."""
+through a circuit breaker, and any Redis error surfaces as `CacheUnavailable`.
+
+The client may be a single server's, a Sentinel-managed primary's or a `RedisCluster`
+(`companion.cache.topology` builds it); the backend's callers cannot tell. The few commands whose
+cluster form differs (MGET over slots, SCAN over every primary) are chosen here once."""
 
 from __future__ import annotations
 
@@ -11,16 +15,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from companion.cache.backend import CacheUnavailable
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.keys import PREFIX
 
 T = TypeVar("T")
+
+# Everything a Redis call can raise when Redis (not our code) is the trouble. RedisClusterException
+# is not a RedisError (e.g. SlotNotCoveredError while a cluster failover is under way).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 # KEYS: value key, lock key (same hash tag, same slot). ARGV: value, lock token, ttl in ms.
 _SET_IF_LOCKED = """
@@ -107,8 +116,16 @@ def make_client(
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, *, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, client: Any, *, breaker: CircuitBreaker | None = None, topology: Any = None) -> None:
+        """`client`: an `aioredis.Redis` or a `RedisCluster`; `topology`: the
+        `companion.cache.topology.Topology` it came from (a single server's when not given)."""
+        if topology is None:
+            from companion.cache.topology import StandaloneTopology  # it builds on this module
+
+            topology = StandaloneTopology(client)
         self.client = client
+        self.topology = topology
+        self.cluster = isinstance(client, RedisCluster)
         self.breaker = breaker or CircuitBreaker()
         self.on_recovery: list[Callable[[], Awaitable[None]]] = []
         self._set_if_locked = client.register_script(_SET_IF_LOCKED)
@@ -122,7 +139,7 @@ class RedisBackend:
             raise CacheUnavailable("redis circuit open")
         try:
             result = await operation()
-        except (RedisError, OSError, TimeoutError) as error:
+        except REDIS_ERRORS as error:
             self.breaker.record_failure()
             raise CacheUnavailable(type(error).__name__) from error
         except BaseException:
@@ -136,12 +153,14 @@ class RedisBackend:
         return result
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(key))  # type: ignore[arg-type,return-value]
+        return await self._call(lambda: self.client.get(key))
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        return await self._call(lambda: self.client.mget(list(keys)))  # type: ignore[arg-type,return-value]
+        if self.cluster:  # keys of several slots: one MGET per slot
+            return await self._call(lambda: self.client.mget_nonatomic(list(keys)))
+        return await self._call(lambda: self.client.mget(list(keys)))
 
     async def set(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:
         px = int(ttl_seconds * 1000) if ttl_seconds is not None else None
@@ -212,10 +231,34 @@ class RedisBackend:
         await self._call(self.client.ping)
         return (time.perf_counter() - started) * 1000
 
+    async def describe(self) -> dict[str, Any]:
+        """The topology's mode and state for /health (cluster: nodes reachable, slots covered;
+        sentinel: the current primary). Raises CacheUnavailable."""
+        return await self._call(self.topology.status)
+
     async def info(self) -> dict[str, Any]:
-        stats = await self._call(lambda: self.client.info("stats"))
-        memory = await self._call(lambda: self.client.info("memory"))
-        return {**stats, **memory}
+        """Redis's own counters and memory, summed over every primary (numbers) on a cluster."""
+
+        async def run() -> dict[str, Any]:
+            total: dict[str, Any] = {}
+            primaries = await self.topology.primaries()
+            try:
+                for client in primaries:
+                    stats = await client.info("stats")
+                    memory = await client.info("memory")
+                    for name, value in {**stats, **memory}.items():
+                        if isinstance(value, int | float) and not isinstance(value, bool) and name in total:
+                            total[name] += value
+                        else:
+                            total.setdefault(name, value)
+            finally:
+                if self.topology.mode == "cluster":
+                    for client in primaries:
+                        await client.aclose()
+            total["primaries"] = len(primaries)
+            return total
+
+        return await self._call(run)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.topology.aclose()
