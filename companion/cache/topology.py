@@ -160,6 +160,8 @@ class QueueingRedisCluster(RedisCluster):
 @dataclass
 class ClusterTopology:
     client: QueueingRedisCluster
+    # How to reach one node directly: REDIS_URL's credentials and TLS options, timeouts, name.
+    node_kwargs: dict[str, Any] = field(default_factory=dict)
     mode: Mode = "cluster"
     _rotation: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -169,9 +171,11 @@ class ClusterTopology:
         # slot, and fails before the client has loaded the slot map). Take the next known node on
         # each (re)subscription, so a dead node is left behind at once.
         nodes = self.client.get_nodes() or list(self.client.nodes_manager.startup_nodes.values())
-        node = nodes[next(self._rotation) % len(nodes)]
-        kwargs = {k: v for k, v in self.client.connection_kwargs.items() if k not in ("host", "port", "retry")}
-        return aioredis.Redis(host=node.host, port=int(node.port), **kwargs).pubsub()
+        return self.node_client(nodes[next(self._rotation) % len(nodes)]).pubsub()
+
+    def node_client(self, node: ClusterNode) -> aioredis.Redis:
+        """A plain client of one node, with the cluster client's credentials, TLS and timeouts."""
+        return aioredis.Redis(host=node.host, port=int(node.port), retry=_retry_from(self.client), **self.node_kwargs)
 
     async def status(self) -> dict[str, Any]:
         nodes = self.client.get_nodes()
@@ -205,9 +209,7 @@ class ClusterTopology:
     async def primaries(self) -> list[aioredis.Redis]:
         if not self.client.get_nodes():
             await self.client.initialize()
-        kwargs = {k: v for k, v in self.client.connection_kwargs.items() if k not in ("host", "port")}
-        kwargs.pop("retry", None)
-        return [aioredis.Redis(host=node.host, port=int(node.port), **kwargs) for node in self.client.get_primaries()]
+        return [self.node_client(node) for node in self.client.get_primaries()]
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -258,6 +260,10 @@ def detect_mode(options: RedisOptions) -> tuple[Mode, bool]:
     return ("cluster" if int(info.get("cluster_enabled", 0)) else "standalone"), True
 
 
+def _retry_from(client: RedisCluster) -> Retry:
+    return Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), client.retry.get_retries())
+
+
 def _retry(options: RedisOptions) -> Retry:
     # A fresh Retry per client: they carry state.
     return Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), options.retries)
@@ -298,22 +304,23 @@ def make_topology(options: RedisOptions) -> Topology:
     if mode == "cluster":
         kwargs = _tls_and_auth(options.url)
         kwargs.pop("db", None)
+        kwargs.update(
+            socket_timeout=options.socket_timeout_ms / 1000,
+            socket_connect_timeout=options.connect_timeout_ms / 1000,
+            health_check_interval=options.health_check_interval,
+            client_name=options.client_name,
+        )
         node = parse_url(options.url)
         client = QueueingRedisCluster(
             host=str(node.get("host", "127.0.0.1")),
             port=int(node.get("port", 6379)),
             max_commands=options.max_connections,
             queue_timeout=options.connect_timeout_ms / 1000,
-            # A node's pool also lends one connection to the invalidation listener.
             max_connections=options.max_connections + 2,
-            socket_timeout=options.socket_timeout_ms / 1000,
-            socket_connect_timeout=options.connect_timeout_ms / 1000,
             retry=_retry(options),
-            health_check_interval=options.health_check_interval,
-            client_name=options.client_name,
             **kwargs,
         )
-        return ClusterTopology(client)
+        return ClusterTopology(client, node_kwargs=kwargs)
     if mode == "sentinel":
         primary, sentinel_kwargs = sentinel_connection_kwargs(options)
         sentinel = Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)
