@@ -151,7 +151,7 @@ async def test_every_lua_script_runs_on_the_cluster_without_crossslot(
     loaded = {
         script
         for script in scripts
-        if any(_on_primaries(redis_cluster, "SCRIPT", "EXISTS", hashlib.sha1(script.encode()).hexdigest()))  # noqa: S324
+        if any(_on_primaries(redis_cluster, "SCRIPT", "EXISTS", hashlib.sha1(script.encode()).hexdigest()))
     }
     missing = [script.strip().splitlines()[0] for script in scripts - loaded]
     assert not missing, f"scripts this test did not run on the cluster: {missing}"
