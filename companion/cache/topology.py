@@ -164,14 +164,26 @@ class ClusterTopology:
     node_kwargs: dict[str, Any] = field(default_factory=dict)
     mode: Mode = "cluster"
     _rotation: itertools.count[int] = field(default_factory=itertools.count)
+    _initializing: asyncio.Task[None] | None = None
 
     def pubsub(self) -> Any:
         # Classic pub/sub is broadcast to every node, so any node will do, and a plain connection to
         # it is all it takes (redis-py's ClusterPubSub would pick the node owning the channel's
         # slot, and fails before the client has loaded the slot map). Take the next known node on
         # each (re)subscription, so a dead node is left behind at once.
-        nodes = self.client.get_nodes() or list(self.client.nodes_manager.startup_nodes.values())
+        nodes = self.client.get_nodes()
+        if not nodes:
+            # The client has not loaded the slot map yet (no command ran): start it now, so that
+            # the next (re)subscription knows every node, not just REDIS_URL's.
+            self._initializing = asyncio.get_running_loop().create_task(self._initialize_quietly())
+            nodes = list(self.client.nodes_manager.startup_nodes.values())
         return self.node_client(nodes[next(self._rotation) % len(nodes)]).pubsub()
+
+    async def _initialize_quietly(self) -> None:
+        try:
+            await self.client.initialize()
+        except REDIS_ERRORS:
+            pass  # the next command or subscription tries again
 
     def node_client(self, node: ClusterNode) -> aioredis.Redis:
         """A plain client of one node, with the cluster client's credentials, TLS and timeouts."""
@@ -212,6 +224,8 @@ class ClusterTopology:
         return [self.node_client(node) for node in self.client.get_primaries()]
 
     async def aclose(self) -> None:
+        if self._initializing is not None:
+            self._initializing.cancel()
         await self.client.aclose()
 
 
