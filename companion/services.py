@@ -16,7 +16,7 @@ from companion.cache.memory import MemoryBackend
 from companion.cache.memory_search import MemorySearchCache
 from companion.cache.redis import RedisBackend
 from companion.cache.tiered import TieredCache
-from companion.cache.topology import RedisOptions, make_topology
+from companion.cache.topology import RedisOptions, distrust_after_failover, make_topology
 from companion.chat.context import ContextAssembler
 from companion.chat.service import ChatLimits, ChatService
 from companion.chat.summary import Summarizer
@@ -93,6 +93,8 @@ class Services:
             backend = redis_backend = RedisBackend(topology.client, breaker=breaker, topology=topology)
             cache = TieredCache(backend, local=local)
             listener = InvalidationListener(topology, cache)
+            if topology.mode != "standalone":
+                redis_backend.on_recovery.append(distrust_after_failover(redis_backend, cache))
             redis_backend.on_recovery.append(cache.replay_pending)
             sessions = SessionService(
                 backend, fallback=MemoryBackend(), ttl_seconds=settings.session_ttl_seconds, clock=clock

@@ -190,32 +190,35 @@ class ClusterTopology:
         return aioredis.Redis(host=node.host, port=int(node.port), retry=_retry_from(self.client), **self.node_kwargs)
 
     async def status(self) -> dict[str, Any]:
-        nodes = self.client.get_nodes()
-        if not nodes:
+        if not self.client.get_nodes():
             await self.client.initialize()
-            nodes = self.client.get_nodes()
-        timeout = self.client.connection_kwargs.get("socket_timeout") or 1.0
+        primaries = self.client.get_primaries()
+        timeout = 2 * (self.client.connection_kwargs.get("socket_timeout") or 0.5)
 
         async def probe(node: ClusterNode) -> dict[str, Any] | None:
             try:
-                async with asyncio.timeout(timeout * 2):
-                    return await self.client.execute_command("CLUSTER INFO", target_nodes=node)
+                async with asyncio.timeout(timeout):
+                    return await self.client.execute_command("CLUSTER INFO", target_nodes=node)  # type: ignore[no-any-return]
             except REDIS_ERRORS:
                 return None
 
-        answers = await asyncio.gather(*(probe(node) for node in nodes))
-        reachable = [info for info in answers if info is not None]
+        answers = await asyncio.gather(*(probe(node) for node in primaries))
+        reachable = [(node, info) for node, info in zip(primaries, answers, strict=True) if info is not None]
         if not reachable:
-            raise RedisConnectionError("no cluster node answered")
-        info = reachable[0]
+            raise RedisConnectionError("no cluster primary answered")
+        node, info = reachable[0]
+        # The cluster's own view of every node, replicas included: which ones it marks failing.
+        table = await self.client.execute_command("CLUSTER NODES", target_nodes=node)
+        flags = [str(row.get("flags", "")) for row in (table.values() if isinstance(table, dict) else [])]
         return {
             "mode": "cluster",
             "cluster_state": str(info.get("cluster_state")),
             "slots_covered": int(info.get("cluster_slots_ok", 0)),
             "slots_failing": int(info.get("cluster_slots_pfail", 0)) + int(info.get("cluster_slots_fail", 0)),
-            "primaries": len(self.client.get_primaries()),
-            "nodes": len(nodes),
-            "nodes_reachable": len(reachable),
+            "primaries": len(primaries),
+            "primaries_reachable": len(reachable),
+            "nodes": int(info.get("cluster_known_nodes", len(flags))),
+            "nodes_failing": sum(1 for f in flags if "fail" in f),
         }
 
     async def primaries(self) -> list[aioredis.Redis]:
@@ -364,3 +367,21 @@ def make_topology(options: RedisOptions) -> Topology:
 def standalone(client: aioredis.Redis) -> StandaloneTopology:
     """Wrap an existing single-server client (tests, tools)."""
     return StandaloneTopology(client)
+
+
+def distrust_after_failover(backend: Any, cache: Any) -> Any:
+    """A recovery callback for `RedisBackend.on_recovery` on a cluster or behind Sentinel: after an
+    outage that opened the circuit, a replica may have taken over without the last writes its
+    primary acknowledged (replication is asynchronous), among them deletes of stale cache entries.
+    So every cached namespace is dropped from Redis and every instance's L1 (one SCAN + UNLINK per
+    namespace on every primary, and one message), as when the invalidation channel was lost."""
+    seen = backend.breaker.outages
+
+    async def after_outage() -> None:
+        nonlocal seen
+        if backend.breaker.outages != seen:
+            seen = backend.breaker.outages
+            cache.distrust_backend()
+            await cache.replay_pending()
+
+    return after_outage
