@@ -198,7 +198,7 @@ class ClusterTopology:
         async def probe(node: ClusterNode) -> dict[str, Any] | None:
             try:
                 async with asyncio.timeout(timeout):
-                    return await self.client.execute_command("CLUSTER INFO", target_nodes=node)  # type: ignore[no-any-return]
+                    return await self.client.execute_command("CLUSTER INFO", target_nodes=node)
             except REDIS_ERRORS:
                 return None
 
