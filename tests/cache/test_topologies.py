@@ -6,6 +6,8 @@ REDIS_URL's password and TLS settings."""
 from __future__ import annotations
 
 import ast
+import asyncio
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,11 +20,15 @@ from redis.exceptions import ResponseError
 
 import companion
 from companion.cache import keys
+from companion.cache.backend import CacheUnavailable
+from companion.cache.local import LocalCache
 from companion.cache.redis import RedisBackend
+from companion.cache.tiered import TieredCache
 from companion.cache.topology import (
     ClusterTopology,
     RedisOptions,
     StandaloneTopology,
+    distrust_after_failover,
     make_topology,
     parse_sentinels,
     sentinel_connection_kwargs,
@@ -34,7 +40,7 @@ from companion.ratelimit.quotas import TokenQuotas
 from companion.storage.database import Database
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import LocalCluster, free_port, topology_options
+from tests.support.redis_topologies import LocalCluster, LocalSentinelSet, free_port, topology_options
 
 
 def _scripts_in_companion() -> set[str]:
@@ -217,3 +223,51 @@ def test_sentinel_mode_takes_password_database_and_tls_from_redis_url() -> None:
         RedisOptions(url=options.url, mode="sentinel", sentinels=options.sentinels, sentinel_password="sentinel-pw")
     )
     assert with_password["password"] == "sentinel-pw"
+
+
+async def test_sentinel_mode_with_a_password_follows_redis_url(tmp_path: Path) -> None:
+    """The primary requires a password: REDIS_URL's is used for it (the sentinels have none)."""
+    sentinels = LocalSentinelSet(tmp_path / "sentinels", password="s3cret-pw", sentinels=3)
+    await asyncio.to_thread(sentinels.start)
+    try:
+        options = topology_options("sentinel", sentinels=sentinels)
+        assert "s3cret-pw" in options.url
+        topology = make_topology(options)
+        backend = RedisBackend(topology.client, topology=topology)
+        try:
+            await backend.set(keys.preferences(uuid.uuid4()), b"{}", 60)
+            assert (await backend.describe())["primary"] == f"127.0.0.1:{sentinels.primary_port()}"
+        finally:
+            await backend.aclose()
+        wrong = make_topology(dataclasses.replace(options, url=options.url.replace("s3cret-pw", "wrong")))
+        refused = RedisBackend(wrong.client, topology=wrong)
+        try:
+            with pytest.raises(CacheUnavailable):
+                await refused.set(keys.preferences(uuid.uuid4()), b"{}", 60)
+        finally:
+            await refused.aclose()
+    finally:
+        await asyncio.to_thread(sentinels.cleanup)
+
+
+async def test_a_recovery_after_an_outage_drops_cached_entries_a_promoted_replica_may_still_hold(
+    cluster_backend: RedisBackend,
+) -> None:
+    """`distrust_after_failover`: a replica promoted after its primary died may lack the primary's
+    last deletes, so after an outage that opened the circuit every cached namespace is dropped (and
+    every L1 told); durable state (buffers) stays, and a mere slow call changes nothing."""
+    cache = TieredCache(cluster_backend, local=LocalCache())
+    cluster_backend.on_recovery.append(distrust_after_failover(cluster_backend, cache))
+    cached, durable = keys.personality(uuid.uuid4(), "friendly"), keys.conversation_buffer(uuid.uuid4())
+    await cluster_backend.set(cached, b"{}", 60)
+    await cluster_backend.set(durable, b"[]", 60)
+    cluster_backend.breaker.record_failure()  # one failure: the circuit stays closed
+    await cluster_backend.get(cached)  # the success after it is a "recovery", but no outage
+    assert await cluster_backend.get(cached) == b"{}"
+    for _ in range(cluster_backend.breaker.failure_threshold):
+        cluster_backend.breaker.record_failure()
+    assert cluster_backend.breaker.state == "open"
+    cluster_backend.breaker.reset_seconds = 0  # let the next call be the trial at once
+    await cluster_backend.get(durable)  # Redis answers: recovery after an outage
+    assert await cluster_backend.get(cached) is None
+    assert await cluster_backend.get(durable) == b"[]"
