@@ -56,13 +56,16 @@ def done_data(event: DoneEvent) -> dict[str, Any]:
     }
 
 
-def interrupted_event(message_id: int, offset: int) -> RunEvent:
+def interrupted_event(message_id: int, content: str) -> RunEvent:
+    """The end of a reply whose run died. It carries the text kept (`content`): a client that was
+    streaming from the dead server may have received a little more (up to one flush interval) than
+    was saved before it died, and should show this instead."""
     body = error_body(
         "The reply was interrupted before it finished (its server stopped); the text so far is kept.",
         "server_error",
         INTERRUPTED,
     )
-    return RunEvent("error", offset, data={**body, "message_id": message_id})
+    return RunEvent("error", len(content), data={**body, "message_id": message_id, "content": content})
 
 
 def final_event(message: MessageOut, user_message_id: int | None) -> RunEvent:
@@ -88,7 +91,7 @@ def final_event(message: MessageOut, user_message_id: int | None) -> RunEvent:
     if message.status == "error":
         body = error_body("The model failed while generating this reply.", "upstream_error", "llm_provider_error")
         return RunEvent("error", offset, data={**body, "message_id": message.id})
-    return interrupted_event(message.id, offset)
+    return interrupted_event(message.id, message.content)
 
 
 @dataclass
@@ -156,6 +159,7 @@ class ReplyRuns:
 
     async def _pump(self, run: Run) -> None:
         offset = 0
+        text: list[str] = []
         events = self._chat.run(run.turn, run.control)
         try:
             async for event in events:
@@ -174,6 +178,7 @@ class ReplyRuns:
                 elif isinstance(event, TokenEvent):
                     self._emit(run, RunEvent("token", offset, event.text))
                     offset += len(event.text)
+                    text.append(event.text)
                 elif isinstance(event, DoneEvent):
                     run.outcome = event
                     self._emit(run, RunEvent("done", offset, data=done_data(event)))
@@ -187,7 +192,7 @@ class ReplyRuns:
             if run.message_id is not None and run.outcome is None:
                 # Cancelled (shutdown, or an OpenAI-compatible client left) or a bug: the turn has
                 # settled its row `incomplete`; followers must end too.
-                self._emit(run, interrupted_event(run.message_id, offset))
+                self._emit(run, interrupted_event(run.message_id, "".join(text)))
             if not run.started.done():
                 run.started.set_exception(error if isinstance(error, Exception) else CompanionError("cancelled"))
                 run.started.exception()  # retrieved: the asking request may be gone
@@ -336,7 +341,7 @@ class ReplyRuns:
         current: MessageOut | None = message
         while True:
             if current is None:  # deleted with its conversation meanwhile
-                yield interrupted_event(message.id, offset)
+                yield interrupted_event(message.id, "")
                 return
             if len(current.content) > offset:
                 yield RunEvent("token", offset, current.content[offset:])
@@ -358,7 +363,7 @@ class ReplyRuns:
             logger.warning("reply %s lost its server; settled as incomplete", message.id)
             if self.shared is not None:
                 try:
-                    await self.shared.write(message.id, [interrupted_event(message.id, len(message.content))])
+                    await self.shared.write(message.id, [interrupted_event(message.id, message.content)])
                 except CacheUnavailable:
                     pass  # a resume then finds the stream stalled and reads the settled row
         return len(settled)
@@ -368,8 +373,8 @@ class ReplyRuns:
             await asyncio.sleep(self.heartbeat_seconds)
             try:
                 await self.sweep()
-            except CompanionError:
-                logger.warning("could not look for replies that lost their server", exc_info=True)
+            except CompanionError as error:
+                logger.warning("could not look for replies that lost their server: %s", error.message)
 
     async def open(self) -> None:
         """Settle what died before this start, then keep sweeping."""

@@ -633,6 +633,8 @@ async function readReply(reply, response, progress) {
     } else if (event === "error") {
       progress.ended = true;
       const interrupted = data.error.code === "reply_interrupted";
+      // Its server died: show the text kept (a little of what arrived may not have been saved).
+      if (interrupted && typeof data.content === "string") text.textContent = data.content;
       settleItem(reply, interrupted ? "incomplete" : "error");
       if (!interrupted) showError(data.error.message);
     }
