@@ -160,34 +160,34 @@ class ReplyRuns:
     async def _pump(self, run: Run) -> None:
         offset = 0
         text: list[str] = []
-        events = self._chat.run(run.turn, run.control)
         try:
-            async for event in events:
-                if isinstance(event, ReplyStarted):
-                    run.message_id = event.message_id
-                    self._runs[event.message_id] = run
-                    data = {
-                        "message_id": event.message_id,
-                        "user_message_id": run.turn.user_message.id,
-                        "conversation_id": str(run.turn.conversation.id),
-                    }
-                    self._emit(run, RunEvent("message", 0, data=data))
-                    if self.shared is not None:
-                        run.writer = self._spawn(self._write_shared(run, event.message_id))
-                    run.started.set_result(None)
-                elif isinstance(event, TokenEvent):
-                    self._emit(run, RunEvent("token", offset, event.text))
-                    offset += len(event.text)
-                    text.append(event.text)
-                elif isinstance(event, DoneEvent):
-                    run.outcome = event
-                    self._emit(run, RunEvent("done", offset, data=done_data(event)))
-                elif isinstance(event, ErrorEvent):
-                    run.outcome = event
-                    if run.message_id is None:
-                        break  # failed before the reply existed: the request answers with the error
-                    body = {**event.error.to_body(), "message_id": run.message_id}
-                    self._emit(run, RunEvent("error", offset, data=body))
+            async with contextlib.aclosing(self._chat.run(run.turn, run.control)) as events:
+                async for event in events:
+                    if isinstance(event, ReplyStarted):
+                        run.message_id = event.message_id
+                        self._runs[event.message_id] = run
+                        data = {
+                            "message_id": event.message_id,
+                            "user_message_id": run.turn.user_message.id,
+                            "conversation_id": str(run.turn.conversation.id),
+                        }
+                        self._emit(run, RunEvent("message", 0, data=data))
+                        if self.shared is not None:
+                            run.writer = self._spawn(self._write_shared(run, event.message_id))
+                        run.started.set_result(None)
+                    elif isinstance(event, TokenEvent):
+                        self._emit(run, RunEvent("token", offset, event.text))
+                        offset += len(event.text)
+                        text.append(event.text)
+                    elif isinstance(event, DoneEvent):
+                        run.outcome = event
+                        self._emit(run, RunEvent("done", offset, data=done_data(event)))
+                    elif isinstance(event, ErrorEvent):
+                        run.outcome = event
+                        if run.message_id is None:
+                            break  # failed before the reply existed: the request answers with the error
+                        body = {**event.error.to_body(), "message_id": run.message_id}
+                        self._emit(run, RunEvent("error", offset, data=body))
         except BaseException as error:
             if run.message_id is not None and run.outcome is None:
                 # Cancelled (shutdown, or an OpenAI-compatible client left) or a bug: the turn has
@@ -375,6 +375,8 @@ class ReplyRuns:
                 await self.sweep()
             except CompanionError as error:
                 logger.warning("could not look for replies that lost their server: %s", error.message)
+            except Exception:
+                logger.exception("the sweep for replies that lost their server failed")
 
     async def open(self) -> None:
         """Settle what died before this start, then keep sweeping."""

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -234,7 +234,7 @@ class ChatService:
         if self._quotas is not None and self._quotas.enabled:
             await self._quotas.enforce(user_id)  # 429 token_quota_exceeded
 
-    async def run(self, turn: Turn, control: RunControl | None = None) -> AsyncIterator[ChatEvent]:
+    async def run(self, turn: Turn, control: RunControl | None = None) -> AsyncGenerator[ChatEvent, None]:
         """Generate and persist the reply, yielding ReplyStarted (once its row exists), its tokens,
         then one DoneEvent or ErrorEvent (an ErrorEvent without a message id: it failed before any).
 

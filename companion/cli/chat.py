@@ -333,7 +333,7 @@ class EmbeddedChat:
         async with _failures():
             stored = await self.services.conversations.get(self.user_id, conversation.id)
             turn = await self.services.chat.begin(self.user_id, stored, content)
-        async with aclosing(self.services.chat.run(turn)) as events:  # type: ignore[type-var]
+        async with aclosing(self.services.chat.run(turn)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     yield event.text
