@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-GROUPS = ("cache", "context", "http", "model", "growth")
+GROUPS = ("cache", "context", "http", "model", "growth", "overload")
 REQUIRED = {"matplotlib": "matplotlib", "limits": "limits"}
 
 
@@ -63,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from bench import cache, context, growth, http, model
+    from bench import cache, context, growth, http, model, overload
     from bench.env import DEFAULT_PG_ADMIN_DSN, BenchEnv, machine, versions
     from bench.harness import Budget, progress
     from bench.report import Outcome, Report, write_report
@@ -81,6 +81,7 @@ async def run(args: argparse.Namespace) -> int:
         "http": lambda env: http.run(env, quick=args.quick, workers=args.workers, profile=args.profile),
         "model": lambda env: model.run(env, quick=args.quick),
         "growth": lambda env: growth.run(env, budget, quick=args.quick),
+        "overload": lambda env: overload.run(env, quick=args.quick),
     }
     outcome = Outcome()
     async with BenchEnv(pg_admin_dsn=args.pg_dsn or DEFAULT_PG_ADMIN_DSN) as env:

@@ -102,14 +102,14 @@ class Target:
     conversation: str
 
 
-async def prepare_targets(env: BenchEnv, streams: int) -> list[Target]:
-    """One conversation per stream, spread over users (ten streams per user)."""
+async def prepare_targets(env: BenchEnv, streams: int, *, per_user: int = 10, prefix: str = "bench-http") -> list[Target]:
+    """One conversation per stream, spread over users (`per_user` streams per user)."""
     services = await env.services(redis=True)
     targets: list[Target] = []
     try:
         for index in range(streams):
-            if index % 10 == 0:
-                user = await services.users.create(f"bench-http-{index // 10}")
+            if index % per_user == 0:
+                user = await services.users.create(f"{prefix}-{index // per_user}")
             seeded = await seed.conversation(services.database, user.id, messages=4)
             targets.append(Target(user.api_key, str(seeded.conversation.id)))
     finally:
@@ -118,13 +118,20 @@ async def prepare_targets(env: BenchEnv, streams: int) -> list[Target]:
 
 
 async def chat_load(
-    server: Server, targets: list[Target], *, warmup: float, duration: float, profile_to: Path | None = None
+    server: Server,
+    targets: list[Target],
+    *,
+    warmup: float,
+    duration: float,
+    profile_to: Path | None = None,
+    retry_after: bool = True,
 ) -> dict[str, Any]:
     job = {
         "host": "127.0.0.1",
         "port": server.port,
         "warmup": warmup,
         "duration": duration,
+        "retry_after": retry_after,
         "streams": [{"key": t.key, "conversation": t.conversation} for t in targets],
     }
     process = await asyncio.create_subprocess_exec(

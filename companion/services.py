@@ -30,6 +30,8 @@ from companion.memory.embedder import Embedder, OnnxEmbedder
 from companion.memory.pgvector import PgVectorStore, pgvector_ready
 from companion.memory.service import MemoryConfig, MemoryService
 from companion.memory.store import SqlVectorStore
+from companion.overload.admission import Admission
+from companion.overload.loop import LoopMonitor
 from companion.personalities.cached import CachedPersonalityService
 from companion.preferences.cached import CachedPreferenceService
 from companion.ratelimit.limiter import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -66,6 +68,8 @@ class Services:
     runs: ReplyRuns
     redis: RedisBackend | None = None
     listener: InvalidationListener | None = None
+    admission: Admission | None = None
+    loop: LoopMonitor | None = None
 
     @classmethod
     def build(
@@ -76,11 +80,23 @@ class Services:
         clock: Clock = utcnow,
         embedder: Embedder | None = None,
     ) -> Services:
+        # Overload (docs/deployment.md): how late our own loop runs, so that no timeout blames a
+        # dependency for it, and admission control in front of the work.
+        loop = LoopMonitor()
+        admission = Admission.build(
+            max_turns=settings.admission_max_turns,
+            turn_queue=settings.admission_turn_queue,
+            max_requests=settings.admission_max_requests,
+            request_queue=settings.admission_request_queue,
+            queue_timeout=settings.admission_queue_timeout_seconds,
+        )
         database = Database(
             settings.resolved_database_url,
             connect_timeout=settings.database_connect_timeout_seconds,
             pool_size=settings.database_pool_size,
+            pool_timeout=settings.database_pool_timeout_seconds,
             sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            loop=loop,
         )
         provider = provider or build_provider(settings)
         redis_backend: RedisBackend | None = None
@@ -99,7 +115,9 @@ class Services:
             breaker = CircuitBreaker(
                 failure_threshold=settings.redis_breaker_failures, reset_seconds=settings.redis_breaker_reset_seconds
             )
-            backend = redis_backend = RedisBackend(client, breaker=breaker)
+            backend = redis_backend = RedisBackend(
+                client, breaker=breaker, loop=loop, timeout=settings.redis_socket_timeout_ms / 1000
+            )
             cache = TieredCache(backend, local=local)
             listener = InvalidationListener(client, cache)
             redis_backend.on_recovery.append(cache.replay_pending)
@@ -262,11 +280,16 @@ class Services:
             buffer=buffer,
             redis=redis_backend,
             listener=listener,
+            admission=admission,
+            loop=loop,
         )
 
     async def start(self, *, load_model: bool = True) -> None:
         """Migrate (if AUTO_MIGRATE), seed the global personalities, settle the replies whose server
-        died and start watching for more, and load the model. Raises ServiceUnavailable if the database cannot be reached."""
+        died and start watching for more, and load the model. Raises ServiceUnavailable if the
+        database cannot be reached."""
+        if self.loop is not None:
+            self.loop.start()
         if self.settings.auto_migrate:
             await migrate.upgrade(self.database)
         await self._choose_vector_store()
@@ -301,3 +324,5 @@ class Services:
         await self.cache.backend.aclose()
         await self.provider.aclose()
         await self.database.dispose()
+        if self.loop is not None:
+            self.loop.stop()

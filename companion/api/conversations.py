@@ -6,9 +6,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.responses import JSONResponse
 
+from companion.api.admission import hold_for_turn
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
 from companion.chat.runs import Run, done_data
@@ -21,7 +22,7 @@ from companion.conversations.schemas import (
     MessageOut,
     MessagePage,
 )
-from companion.errors import CompanionError, InvalidInput
+from companion.errors import CompanionError, InvalidInput, Overloaded
 from companion.runs.events import RunEvent, parse_position
 from companion.runs.memory import MemoryRunLog
 from companion.services import Services
@@ -110,7 +111,9 @@ def sse_run_event(event: RunEvent) -> bytes:
 
 
 def error_response(error: CompanionError) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=error.status_code)
+    # A busy model (its bounded queue full) says when to come back, as every 503 overloaded does.
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
 async def start_run(services: Services, turn: Turn) -> Run | Response:
@@ -133,11 +136,11 @@ async def outcome_of(run: Run) -> DoneEvent | ErrorEvent:
     responses={200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}},
 )
 async def post_message(
-    conversation_id: uuid.UUID, body: MessageIn, user_id: UserIdDep, services: ServicesDep
+    conversation_id: uuid.UUID, body: MessageIn, user_id: UserIdDep, services: ServicesDep, request: Request
 ) -> Response:
     """Send a message; the reply streams back (see the response description)."""
     conversation = await services.conversations.get(user_id, conversation_id)
-    turn = await services.chat.begin(user_id, conversation, body.content)
+    turn = hold_for_turn(request, await services.chat.begin(user_id, conversation, body.content))
     run = await start_run(services, turn)
     if isinstance(run, Response):
         return run

@@ -21,10 +21,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from companion.api.admission import hold_for_turn
 from companion.api.conversations import error_response, outcome_of, start_run
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
@@ -101,6 +102,7 @@ async def chat_completions(
     body: ChatCompletionRequest,
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     x_conversation_id: Annotated[uuid.UUID | None, Header()] = None,
 ) -> Response:
     """Chat with a personality through any OpenAI client (stream or not)."""
@@ -121,6 +123,7 @@ async def chat_completions(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
     )
+    turn = hold_for_turn(request, turn)
     run = await start_run(services, turn)
     if isinstance(run, Response):
         return run
