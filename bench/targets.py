@@ -60,6 +60,15 @@ def verdicts(figures: dict[str, float]) -> list[Verdict]:
                 _judge(ttfb is not None and ttfb <= 3000, ttfb),
             )
         )
+
+    resume = _get(figures, "http.resume.other.p50_us")
+    found.append(
+        Verdict(
+            "resume request to its first replayed event, through another server (Redis): p50 < 20 ms",
+            format_us(resume),
+            _judge(resume is not None and resume < 20_000, resume),
+        )
+    )
     return found
 
 

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=8000, ge=1, le=200_000)
     max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
     stream_flush_interval_seconds: float = Field(default=0.25, gt=0, le=10)
+    # Reply runs (companion/chat/runs.py): a streaming reply's heartbeat, how long without one
+    # before another instance settles it `incomplete`, and how long its events stay in Redis.
+    reply_heartbeat_seconds: float = Field(default=2.0, gt=0, le=60)
+    reply_stale_seconds: float = Field(default=10.0, gt=0, le=3600)
+    reply_events_ttl_seconds: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    reply_events_max_entries: int = Field(default=10_000, ge=10, le=1_000_000)
 
     # Admission control, per worker (docs/deployment.md: sizing): concurrent chat turns and other
     # requests, the queue in front of each, and the longest wait in it; past that, 503 `overloaded`.

@@ -542,7 +542,7 @@ async def test_a_streamed_reply_is_in_the_buffer_once_with_its_full_text(
         assert [(m["role"], m["content"]) for m in entries] == pairs(history[-WINDOW:])
 
 
-async def test_a_reply_cut_short_by_a_disconnect_is_in_the_buffer_with_its_partial_text(
+async def test_a_reply_cut_short_by_a_stop_is_in_the_buffer_with_its_partial_text(
     cache_mode: str, database_url: str, tmp_path: Path, redis_or_none: RedisProcess | None
 ):
     settings = buffer_settings(database_url, tmp_path, redis_or_none)
@@ -560,17 +560,22 @@ async def test_a_reply_cut_short_by_a_disconnect_is_in_the_buffer_with_its_parti
                 response = await open_stream(clients[0], conversation_id, "Tell me a story")
             try:
                 events = iter_sse(response)
-                assert (await next_event(events)).event == "message"
+                first = await next_event(events)
+                assert first.event == "message"
                 seen = [(await next_event(events)).json()["text"] for _ in range(3)]
                 assert seen == ["Once ", "upon ", "a "]
+                # The model hangs: stop the reply (through the other instance, when there are two).
+                message_id = first.json()["message_id"]
+                stopped = await clients[-1].post(f"/v1/conversations/{conversation_id}/messages/{message_id}/stop")
+                assert stopped.status_code == 200, stopped.text
             finally:
-                await response.aclose()  # the body is unread: the connection is dropped
+                await response.aclose()
 
             async def settled() -> bool:
                 reply = await stored_reply(clients[0], conversation_id)
-                return reply is not None and reply["status"] == "incomplete"
+                return reply is not None and reply["status"] == "stopped"
 
-            await wait_for(settled, timeout=DEADLINE, what="the partial reply to be marked incomplete")
+            await wait_for(settled, timeout=DEADLINE, what="the partial reply to be marked stopped")
             reply = await stored_reply(clients[0], conversation_id)
             assert reply is not None and reply["content"] == "Once upon a "
             entries = await buffered(instances[0].services, redis_url, conversation_id)
@@ -588,7 +593,7 @@ async def test_a_reply_cut_short_by_a_disconnect_is_in_the_buffer_with_its_parti
                 "complete",
                 "complete",
                 "complete",
-                "incomplete",
+                "stopped",
                 "complete",
                 "complete",
             ]
