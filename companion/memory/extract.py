@@ -164,6 +164,11 @@ def third_person(sentence: str) -> str:
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
+def clean(text: str) -> str:
+    """`text` as it is stored: plain apostrophes, no control characters, single spaces."""
+    return " ".join(_UNPRINTABLE.sub("", text.translate(_APOSTROPHES)).split())
+
+
 def sentences(text: str) -> list[str]:
     text = text.translate(_APOSTROPHES)
     return [" ".join(_UNPRINTABLE.sub("", part).split()) for part in _SENTENCES.findall(text) if part.strip()]
