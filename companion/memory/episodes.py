@@ -11,12 +11,15 @@ from companion.memory.extract import sentences
 # embedding still stands for it (MiniLM reads about 256 word pieces), long enough that "She loves it
 # there." keeps the sentence it refers to. A single longer sentence is one passage by itself.
 PASSAGE_CHARS = 200
-# Nothing worth remembering: greetings, thanks, laughter, yes and no.
-_SMALL_TALK = re.compile(
-    r"^(?:(?:hi|hey|hello|yo|hiya|morning|good (?:morning|evening|night|afternoon)|thanks?|thank you|thx|ty|ok|okay|"
-    r"k|cool|nice|great|awesome|sure|yes|yeah|yep|no|nope|nah|lol|haha+|hehe|hmm+|wow|oh|ah|bye|goodbye|see you|"
-    r"good|fine|alright|right|true|same|me too|you too|sounds good|got it|i see|no worries|np)\b[\s,.!?:;)(-]*)+$",
-    re.I,
+# Nothing worth remembering: a sentence made only of these words (greetings, thanks, laughter,
+# yes and no, reactions) is small talk.
+_SMALL_TALK = frozenset(
+    """hi hey hello yo hiya heya morning good evening night afternoon thanks thank you thx ty ok okay k kk cool nice
+    great awesome sure yes yeah yep yup no nope nah lol lmao haha hahaha hehe hmm hmmm wow oh ah aw aww bye goodbye
+    see ya later fine alright right true same me too i sounds got it that s thats is it its so very really much all
+    amazing funny interesting perfect wonderful lovely totally agree exactly indeed well glad to hear love this
+    cute omg wait what oops sorry np worries problem welcome mean a the and just of course definitely absolutely
+    makes sense""".split()
 )
 _WORD = re.compile(r"[^\W_]+")
 
@@ -25,8 +28,11 @@ def worth_keeping(sentence: str) -> bool:
     """False for a sentence that says nothing lasting: small talk, a question (what the user asks
     is rarely what they will want recalled, and keeping every question would change the user's
     memories on every turn), or fewer than three words."""
+    words = [word.lower() for word in _WORD.findall(sentence)]
     return (
-        len(_WORD.findall(sentence)) >= 3 and not _SMALL_TALK.match(sentence) and not sentence.rstrip('"\')»”').endswith("?")
+        len(words) >= 3
+        and not all(word in _SMALL_TALK for word in words)
+        and not sentence.rstrip("\"')»”").endswith("?")
     )
 
 
