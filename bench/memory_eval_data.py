@@ -271,8 +271,12 @@ DISCLOSURES: list[tuple[str, str]] = [
 
 
 def main() -> None:
+    from tests.memory.test_recall_quality import PAIRS  # the project's 36, copied into the frozen file
+
     data = build()
-    data["disclosures"] = [{"fact": f, "question": q} for f, q in DISCLOSURES]
+    data["disclosures"] = [{"fact": f, "question": q, "source": "project"} for f, q in PAIRS] + [
+        {"fact": f, "question": q, "source": "new"} for f, q in DISCLOSURES
+    ]
     PATH.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     questions = sum(len(p["questions"]) for p in data["people"])  # type: ignore[index, union-attr]
     print(f"wrote {PATH}: {questions} questions")
