@@ -22,6 +22,7 @@ The file's SHA-256 is checked, so a changed question cannot go unnoticed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import hashlib
 import json
@@ -201,7 +202,7 @@ async def _bytes_per_memory(services: Services) -> float:
     return float(size or 0) / count
 
 
-async def run_sqlite(split: str, mode: Mode) -> Figures:
+async def run_sqlite(split: str, mode: Mode, **tuning: Any) -> Figures:
     data = load()
     with tempfile.TemporaryDirectory(prefix="memory-eval-") as workdir:
         url = f"sqlite+aiosqlite:///{workdir}/eval.db"
@@ -220,6 +221,7 @@ async def run_sqlite(split: str, mode: Mode) -> Figures:
             log_level="WARNING",
         )
         services = Services.build(settings)
+        services.memories.config = dataclasses.replace(services.memories.config, **tuning)
         await services.start(load_model=False)
         try:
             return await evaluate(services, data, split=split, mode=mode)
@@ -231,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     parser.add_argument("--mode", choices=["hybrid", "meaning", "words"], default="hybrid")
+    parser.add_argument("--rrf-k", type=int, default=None, help="tuning: the fusion's k")
+    parser.add_argument("--text-weight", type=float, default=None, help="tuning: the word ranking's weight")
     args = parser.parse_args(argv)
-    figures = asyncio.run(run_sqlite(args.split, args.mode))
+    tuning = {name: value for name, value in (("rrf_k", args.rrf_k), ("text_weight", args.text_weight)) if value is not None}
+    if tuning and args.split == "test":
+        parser.error("tune on --split dev only")
+    figures = asyncio.run(run_sqlite(args.split, args.mode, **tuning))
     print("\n".join(figures.lines()))
     return 0
 

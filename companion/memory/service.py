@@ -36,7 +36,7 @@ from companion.memory import when
 from companion.memory.embedder import Embedder
 from companion.memory.episodes import passages
 from companion.memory.extract import Fact, clean, llm_facts, rule_facts
-from companion.memory.fulltext import EPISODE, RRF_K, Scope, fuse, terms
+from companion.memory.fulltext import EPISODE, RRF_K, TEXT_WEIGHT, Scope, fuse, terms
 from companion.memory.store import MemoryOut, NewMemory, VectorStore
 from companion.types import Clock, utcnow
 
@@ -58,6 +58,7 @@ class MemoryConfig:
     # Hybrid search: each ranking (meaning, words) offers this many candidates to the fusion.
     candidates: int = 30
     rrf_k: int = RRF_K
+    text_weight: float = TEXT_WEIGHT  # the word ranking's weight in the fusion (the meaning ranking's is 1)
     # A memory found by its words enters a prompt if its cosine is at least this (lower than
     # `min_score`: the words already say it is about the question).
     text_min_score: float = 0.1
@@ -202,7 +203,11 @@ class MemoryService:
         admitted = {m.id for m in by_meaning if (m.score or 0.0) >= min_score} | {
             m.id for m in by_words if (m.score or 0.0) >= text_min_score
         }
-        ranked = fuse([[m.id for m in by_meaning], [m.id for m in by_words]], k=self.config.rrf_k)
+        ranked = fuse(
+            [[m.id for m in by_meaning], [m.id for m in by_words]],
+            k=self.config.rrf_k,
+            weights=(1.0, self.config.text_weight),
+        )
         return [found[memory_id] for memory_id in ranked if memory_id in admitted][:k]
 
     async def list(
