@@ -22,8 +22,8 @@ The file's SHA-256 is checked, so a changed question cannot go unnoticed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -175,8 +175,8 @@ async def _disclosures(services: Services, data: dict[str, Any], mode: Mode) -> 
     for message_id, pair in enumerate(pairs, start=1):
         found = await _search(services, user, pair["question"], 3, mode)
         hits[pair["source"]].append(message_id in {m.source_message_id for m in found})
-    hits["all"] = [hit for source in ("project", "new") for hit in hits[source]]
-    return {source: statistics.fmean(values) for source, values in hits.items()}
+    hits["all"] = [hit for source in ("project", "new") for hit in hits.get(source, [])]
+    return {source: statistics.fmean(values) for source, values in hits.items() if values}
 
 
 async def _bytes_per_memory(services: Services) -> float:
@@ -246,3 +246,54 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+async def run(env: Any) -> Any:
+    """The `memory-eval` group of `python -m bench`: the test part on the run's PostgreSQL."""
+    from bench.report import Outcome, Section, Table
+
+    services = await env.services(redis=False)
+    figures = await evaluate(services, load(), split="test")
+    await env.close_services(services)
+    kinds = ", ".join(f"{kind} {v['recall@10']:.2f} (n={v['n']:.0f})" for kind, v in sorted(figures.by_kind.items()))
+    table = Table(
+        ["figure (test part)", "measured", "goal"],
+        [
+            ["evidence recall@3", f"{figures.recall[3]:.3f}", ""],
+            ["evidence recall@5", f"{figures.recall[5]:.3f}", "≥ 0.75"],
+            ["evidence recall@10", f"{figures.recall[10]:.3f}", "≥ 0.85"],
+            ["answer in memories@5", f"{figures.answer_at_5:.3f}", ""],
+            [
+                "false-memory rate on small talk",
+                f"{figures.false_memory_rate:.3f} ({figures.false_memories} of {figures.chitchat})",
+                "≤ 0.10",
+            ],
+            [
+                "everyday self-disclosures recall@3",
+                f"{figures.disclosures['all']:.3f} (the project's {figures.disclosures['project']:.3f}, "
+                f"new {figures.disclosures['new']:.3f})",
+                "≥ 0.95",
+            ],
+            ["bytes per memory (table, indexes, TOAST)", f"{figures.bytes_per_memory:.0f}", ""],
+            ["remember one message, p50 (background)", f"{figures.remember_ms:.1f} ms", ""],
+            ["search, p50", f"{figures.search_ms:.1f} ms", ""],
+        ],
+        right={1},
+    )
+    section = Section(
+        title="Memory evaluation",
+        intro=f"{figures.questions} questions over {figures.messages} user messages of the frozen conversations "
+        f"(bench/data/memory_eval.json, test part), remembered as {figures.episodes} episodes and {figures.facts} facts, "
+        f"searched as `GET /v1/memories?query=` does. Evidence recall@10 by kind: {kinds}.",
+        tables=[table],
+    )
+    outcome = Outcome(sections=[section])
+    outcome.figures.update(
+        {
+            "memory_eval.recall@5": figures.recall[5],
+            "memory_eval.recall@10": figures.recall[10],
+            "memory_eval.false_memory_rate": figures.false_memory_rate,
+            "memory_eval.disclosures@3": figures.disclosures["all"],
+        }
+    )
+    return outcome
