@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
 
@@ -162,6 +162,9 @@ class _Matrix:
     vectors: np.ndarray  # (len(memories), dimensions), unit rows
     index: dict[uuid.UUID, int]  # memory id -> row
     episodes: np.ndarray  # one bool per row: an episode
+    # Rows newest first, per scope, computed on first use: sorting 10,000 memories on every recall
+    # cost milliseconds, and the matrix is replaced (not changed) whenever a memory changes.
+    by_recency: dict[str, list[int]] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, generation: int, memories: list[MemoryOut], vectors: np.ndarray) -> _Matrix:
@@ -174,6 +177,16 @@ class _Matrix:
         if scope == "all":
             return None
         return self.episodes if scope == "episodes" else ~self.episodes
+
+    def newest(self, scope: Scope) -> list[int]:
+        order = self.by_recency.get(scope)
+        if order is None:
+            mask = self.in_scope(scope)
+            rows = range(len(self.memories)) if mask is None else np.flatnonzero(mask).tolist()
+            memories = self.memories
+            order = sorted(rows, key=lambda i: (memories[i].updated_at, memories[i].created_at), reverse=True)
+            self.by_recency[scope] = order
+        return order
 
 
 _FIELDS = (
@@ -352,10 +365,10 @@ class SqlVectorStore:
     async def recent(
         self, user_id: uuid.UUID, n: int, *, generation: int | None = None, scope: Scope = "all"
     ) -> list[MemoryOut]:
+        if n <= 0:
+            return []
         matrix = await self._matrix(user_id, generation)
-        mask = matrix.in_scope(scope)
-        memories = matrix.memories if mask is None else [m for m, keep in zip(matrix.memories, mask, strict=True) if keep]
-        return sorted(memories, key=lambda m: (m.updated_at, m.created_at), reverse=True)[:n]
+        return [matrix.memories[i] for i in matrix.newest(scope)[:n]]
 
     def _row_of(self, user_id: uuid.UUID, memory: NewMemory, at: datetime) -> Memory:
         return Memory(
