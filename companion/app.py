@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from companion import __version__
 from companion.api import (
+    admission,
     api_keys,
     conversations,
     health,
@@ -57,6 +58,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RateLimitMiddleware)
+    app.add_middleware(admission.AdmissionMiddleware)  # outermost: a busy worker refuses before any work
     for module in (
         health,
         metrics,

@@ -5,10 +5,12 @@ pays for what was spent; concurrent replies of one user overrun a quota by at mo
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
 
+from companion.chat.service import TokenEvent
 from companion.llm.base import estimate_tokens
 from companion.llm.scripted import ScriptedProvider, ScriptedReply
 from tests.ratelimit.test_quotas import QuotaApp, quota_app, quota_settings, real_now_clock
@@ -45,28 +47,33 @@ async def test_a_model_failing_mid_reply_is_charged_its_prompt_and_what_it_produ
         assert await app.used() == {"daily": prompt + 3}
 
 
-async def test_a_client_that_leaves_mid_reply_is_charged_its_prompt_and_what_it_saw(
+async def test_a_reply_ended_early_is_charged_its_prompt_and_what_it_produced(
     limiter_mode: str, database_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """Whoever consumes a turn (a run; a request before runs existed) may stop it or be cancelled
+    before the model's usage report: the prompt and the tokens produced are charged all the same."""
     settings = quota_settings(limiter_mode, database_url, tmp_path, request, token_quota_daily=100_000)
     async with quota_app(settings, real_now_clock()) as app:
-        conversation = await create_conversation(app.http, "brief")
+        conversation = await app.services.conversations.get(
+            app.user_id, uuid.UUID((await create_conversation(app.http, "brief"))["id"])
+        )
         _provider(app).queue(ScriptedReply("a b c d e f", hang_after=2))
-        url = f"/v1/conversations/{conversation['id']}/messages"
-        async with app.http.stream("POST", url, json={"content": "stay a while", "stream": True}) as response:
-            assert response.status_code == 200
-            seen = 0
-            async for line in response.aiter_lines():
-                if line.startswith("event: token"):
-                    seen += 1
-                    if seen == 2:
-                        break  # the client leaves while the model is still generating
+        turn = await app.services.chat.begin(app.user_id, conversation, "stay a while")
+        events = app.services.chat.run(turn)
+        tokens = 0
+        async for event in events:
+            tokens += isinstance(event, TokenEvent)
+            if tokens == 2:
+                break
+        await events.aclose()  # the consumer goes away while the model is still generating
         prompt = _last_prompt_tokens(app)
-
-        async def settled() -> bool:
-            return await app.used() == {"daily": prompt + 2}
-
-        await wait_for(settled, what="the abandoned turn to be charged its prompt and its 2 tokens")
+        assert await app.used() == {"daily": prompt + 2}
+        messages, _ = await app.services.conversations.list_messages(app.user_id, conversation.id)
+        assert (messages[-1].status, messages[-1].prompt_tokens, messages[-1].completion_tokens) == (
+            "incomplete",
+            prompt,
+            2,
+        )
 
 
 async def test_concurrent_replies_overrun_the_quota_by_at_most_one_reply(
