@@ -18,6 +18,7 @@ from companion.api import (
     memories,
     metrics,
     openai_compat,
+    openapi,
     personalities,
     preferences,
     sessions,
@@ -72,6 +73,7 @@ def create_app(
     ):
         app.include_router(module.router)
     web.install(app)  # the chat page at /
+    openapi.install(app)  # every route's error statuses documented, whoever added it
     logging.getLogger("companion").setLevel(settings.log_level)
     return app
 

@@ -144,7 +144,7 @@ async def outcome_of(run: Run) -> DoneEvent | ErrorEvent:
 
 @router.post(
     "/{conversation_id}/messages",
-    responses={200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}, 502: {}, 504: {}},
 )
 async def post_message(
     conversation_id: uuid.UUID, body: MessageIn, user_id: UserIdDep, services: ServicesDep, request: Request

@@ -101,7 +101,7 @@ async def _conversation_for(
     return await services.conversations.create(user_id, personality), True
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={502: {}, 504: {}})
 async def chat_completions(
     body: ChatCompletionRequest,
     user_id: UserIdDep,
