@@ -98,6 +98,7 @@ class Services:
             pool_timeout=settings.database_pool_timeout_seconds,
             sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             loop=loop,
+            hide_parameters=settings.log_level != "DEBUG",
         )
         provider = provider or build_provider(settings)
         redis_backend: RedisBackend | None = None

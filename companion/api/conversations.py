@@ -95,6 +95,7 @@ async def delete_conversation(
         # Before the conversation goes: deleting it sets their conversation_id to NULL.
         await services.memories.forget(user_id, conversation_id=conversation_id)
     await services.conversations.delete(user_id, conversation_id)
+    await services.chat.forget_conversation(conversation_id)  # its buffer and summary, everywhere, now
     return Response(status_code=204)
 
 

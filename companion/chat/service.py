@@ -157,6 +157,10 @@ class ChatService:
         self._turns = turns or LocalTurnLock()
         self._quotas = quotas
 
+    async def forget_conversation(self, conversation_id: uuid.UUID) -> None:
+        """Drop a deleted conversation's cached context (buffer, summary) everywhere."""
+        await self._context.forget_conversation(conversation_id)
+
     def check_message(self, content: str) -> str:
         """Raises InvalidInput for empty, oversized or control-character input; stores nothing."""
         if not content.strip():
@@ -364,7 +368,13 @@ class ChatService:
                 await turn.release()
         self._context.after_turn(turn.conversation.id, turn.history_length + 1)
         if turn.learn:
-            self._context.learn(turn.user_id, turn.conversation.id, turn.user_message.id, turn.user_message.content)
+            self._context.learn(
+                turn.user_id,
+                turn.conversation.id,
+                turn.user_message.id,
+                turn.user_message.content,
+                turn.user_message.created_at,
+            )
         if failure is not None:
             yield failure
             return
