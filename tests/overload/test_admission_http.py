@@ -122,7 +122,9 @@ async def test_a_turn_refused_after_admission_gives_its_slot_back(
 async def test_a_turn_whose_client_leaves_holds_its_slot_until_the_reply_is_settled(
     client: httpx.AsyncClient, app_services: Services, provider: ScriptedProvider
 ) -> None:
-    release = asyncio.Semaphore(1)  # the first token goes out, the second waits
+    """A reply runs on after its client leaves (docs/conversations.md), so it keeps its turn slot
+    until it has finished: a client that hangs up cannot free capacity the model is still using."""
+    release = asyncio.Semaphore(1)  # the first token goes out, the rest wait
     provider.queue(ScriptedReply("first second third", gate=release))
     conversation = (await create_conversation(client))["id"]
     gate = app_services.admission.turns  # type: ignore[union-attr]
@@ -135,14 +137,19 @@ async def test_a_turn_whose_client_leaves_holds_its_slot_until_the_reply_is_sett
                 if event.event == "token":
                     break
             assert gate.in_flight == 1
-    await wait_for(lambda: gate.in_flight == 0, what="the slot to be released")
+    # The client is gone and the model is held at its second token: the slot stays taken.
+    messages = await all_messages(client, conversation)
+    assert messages[1]["status"] == "streaming"
+    assert gate.in_flight == 1
+    for _ in range(2):
+        release.release()
 
     async def settled() -> bool:
         messages = await all_messages(client, conversation)
-        return len(messages) == 2 and messages[1]["status"] == "incomplete"
+        return len(messages) == 2 and messages[1]["status"] == "complete"
 
-    await wait_for(settled, what="the partial reply to be saved")
-    assert gate.in_flight == 0
+    await wait_for(settled, what="the reply to finish without its client")
+    await wait_for(lambda: gate.in_flight == 0, what="the slot to be released")
 
 
 async def test_the_chat_completions_route_is_a_turn(server: LiveServer, api_key: str, app_services: Services) -> None:
