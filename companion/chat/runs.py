@@ -300,7 +300,24 @@ class ReplyRuns:
         return await self._conversations.get_reply(user_id, conversation_id, message_id)
 
     async def follow(self, message: MessageOut, offset: int) -> AsyncIterator[RunEvent]:
-        """The reply's events after `offset`, to its terminal event, from the best source."""
+        """The reply's events after `offset`, to its terminal event, from the best source.
+
+        A terminal event that carries the reply's final text is preceded by whatever of that text
+        the client still lacks: a dead run's Redis Stream can stop short of the text it last saved
+        to the database (the two are written on their own schedules), and the sweeper that settles
+        it knows only the saved text. Without this, a client resuming from the stream would get
+        the terminal event a few words short of the stored reply."""
+        async for event in self._follow_sources(message, offset):
+            if event.terminal:
+                content = (event.data or {}).get("content")
+                if isinstance(content, str) and len(content) > offset:
+                    yield RunEvent("token", offset, content[offset:])
+                yield event
+                return
+            offset = max(offset, event.end)
+            yield event
+
+    async def _follow_sources(self, message: MessageOut, offset: int) -> AsyncIterator[RunEvent]:
         stall = max(self.heartbeat_seconds, self.flush_seconds * 4)
         while True:
             try:
