@@ -193,8 +193,8 @@ async def run(env: BenchEnv, *, quick: bool) -> Outcome:
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            progress("overload: warming every conversation's caches")
-            await chat_load(server, targets, warmup=0.0, duration=1.0 if quick else 3.0)
+            progress("overload: warming the sweep's conversations")
+            await chat_load(server, targets[: max(sweep)], warmup=0.0, duration=1.0 if quick else 3.0)
             for streams in sweep:
                 sweep_levels.append(
                     await measure(
