@@ -6,7 +6,6 @@ Only this module and the CLI choose concrete backends; everything else receives 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 from companion.cache.backend import CacheBackend
 from companion.cache.breaker import CircuitBreaker
@@ -14,9 +13,11 @@ from companion.cache.invalidation import InvalidationListener
 from companion.cache.local import LocalCache
 from companion.cache.memory import MemoryBackend
 from companion.cache.memory_search import MemorySearchCache
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import TieredCache
+from companion.cache.topology import RedisOptions, distrust_after_failover, make_topology
 from companion.chat.context import ContextAssembler
+from companion.chat.runs import ReplyRuns
 from companion.chat.service import ChatLimits, ChatService
 from companion.chat.summary import Summarizer
 from companion.config import Settings
@@ -37,6 +38,9 @@ from companion.preferences.cached import CachedPreferenceService
 from companion.ratelimit.limiter import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from companion.ratelimit.policy import RateLimitService
 from companion.ratelimit.quotas import TokenQuotas
+from companion.runs.log import RunLog
+from companion.runs.memory import MemoryRunLog
+from companion.runs.redis import RedisRunLog
 from companion.sessions.service import SessionService
 from companion.storage import migrate
 from companion.storage.database import Database
@@ -62,6 +66,7 @@ class Services:
     buffer: ConversationBuffer
     rate_limits: RateLimitService
     quotas: TokenQuotas
+    runs: ReplyRuns
     redis: RedisBackend | None = None
     listener: InvalidationListener | None = None
     admission: Admission | None = None
@@ -100,22 +105,22 @@ class Services:
         backend: CacheBackend
         local = LocalCache(max_entries=settings.cache_local_max_entries)
         if settings.redis_enabled:
-            client = make_client(
-                settings.redis_url.get_secret_value(),
-                socket_timeout_ms=settings.redis_socket_timeout_ms,
-                connect_timeout_ms=settings.redis_connect_timeout_ms,
-                retries=settings.redis_retries,
-                max_connections=settings.redis_max_connections,
-                health_check_interval=settings.redis_health_check_interval_seconds,
-            )
+            # Standalone, cluster or sentinel (REDIS_MODE): nothing below this line knows which.
+            topology = make_topology(RedisOptions.from_settings(settings))
             breaker = CircuitBreaker(
                 failure_threshold=settings.redis_breaker_failures, reset_seconds=settings.redis_breaker_reset_seconds
             )
             backend = redis_backend = RedisBackend(
-                client, breaker=breaker, loop=loop, timeout=settings.redis_socket_timeout_ms / 1000
+                topology.client,
+                breaker=breaker,
+                topology=topology,
+                loop=loop,
+                timeout=settings.redis_socket_timeout_ms / 1000,
             )
             cache = TieredCache(backend, local=local)
-            listener = InvalidationListener(client, cache)
+            listener = InvalidationListener(topology, cache)
+            if topology.mode != "standalone":
+                redis_backend.on_recovery.append(distrust_after_failover(redis_backend, cache))
             redis_backend.on_recovery.append(cache.replay_pending)
             sessions = SessionService(
                 backend, fallback=MemoryBackend(), ttl_seconds=settings.session_ttl_seconds, clock=clock
@@ -236,7 +241,25 @@ class Services:
                 repeat_penalty=settings.llm_repeat_penalty,
                 flush_interval_seconds=settings.stream_flush_interval_seconds,
                 memory_tokens=settings.memory_token_budget,
+                heartbeat_seconds=settings.reply_heartbeat_seconds,
             ),
+        )
+        shared_runs: RunLog | None = None
+        if redis_backend is not None:
+            shared_runs = RedisRunLog(
+                redis_backend,
+                ttl_seconds=settings.reply_events_ttl_seconds,
+                max_entries=settings.reply_events_max_entries,
+            )
+        runs = ReplyRuns(
+            chat,
+            conversations,
+            local=MemoryRunLog(ttl_seconds=min(settings.reply_events_ttl_seconds, 300.0)),
+            shared=shared_runs,
+            flush_seconds=settings.stream_flush_interval_seconds,
+            heartbeat_seconds=settings.reply_heartbeat_seconds,
+            stale_seconds=settings.reply_stale_seconds,
+            clock=clock,
         )
         return cls(
             settings=settings,
@@ -253,6 +276,7 @@ class Services:
             memories=memories,
             rate_limits=rate_limits,
             quotas=quotas,
+            runs=runs,
             summarizer=summarizer,
             buffer=buffer,
             redis=redis_backend,
@@ -262,15 +286,16 @@ class Services:
         )
 
     async def start(self, *, load_model: bool = True) -> None:
-        """Migrate (if AUTO_MIGRATE), seed the global personalities, recover interrupted replies,
-        and load the model. Raises ServiceUnavailable if the database cannot be reached."""
+        """Migrate (if AUTO_MIGRATE), seed the global personalities, settle the replies whose server
+        died and start watching for more, and load the model. Raises ServiceUnavailable if the
+        database cannot be reached."""
         if self.loop is not None:
             self.loop.start()
         if self.settings.auto_migrate:
             await migrate.upgrade(self.database)
         await self._choose_vector_store()
         await self.personalities.ensure_builtins()
-        await self.conversations.recover_interrupted(older_than=self.clock() - timedelta(minutes=10))
+        await self.runs.open()
         if self.listener is not None:
             self.listener.start()
         if load_model:
@@ -292,6 +317,7 @@ class Services:
             )
 
     async def aclose(self) -> None:
+        await self.runs.aclose()
         await self.summarizer.wait_idle()
         await self.memories.aclose()
         if self.listener is not None:
