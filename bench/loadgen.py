@@ -129,6 +129,11 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
                     outcomes[refused.outcome] += 1
                 if honor_retry_after and refused.retry_after > 0:
                     await asyncio.sleep(min(refused.retry_after, max(stop_at - loop.time(), 0.0)))
+                    if refused.retry_after >= 2:
+                        # The server closes keep-alive connections idle for 5 s (uvicorn's default):
+                        # a client coming back later opens a new one, as HTTP clients do.
+                        await stream.close()
+                        await stream.connect()
                 continue
             except (OSError, RuntimeError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
                 if now >= measure_from:
