@@ -73,10 +73,20 @@ def test_stats_and_invalidate_against_a_running_instance(
         assert "Invalidated 1 Redis entries" in result.output
         assert not admin.exists(personality_key)
 
+        # Cache something in every namespace again: the personality, the preferences, the API key.
         assert httpx.get(f"{url}/v1/personalities/elara", headers=headers, timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/preferences", headers=headers, timeout=10).status_code == 200
+        cached = {
+            namespace: sorted(admin.scan_iter(match=keys.namespace_pattern(namespace)))
+            for namespace in ("personality", "prefs", "apikey")
+        }
+        assert cached["personality"] == [personality_key.encode()]
+        assert cached["prefs"] == [keys.preferences(user.id).encode()]
+        assert len(cached["apikey"]) == 1, cached
         result = runner.invoke(app, ["cache", "invalidate", "--all"])
         assert result.exit_code == 0, result.output
-        assert not admin.exists(personality_key) and not admin.exists(keys.api_key("x"))
+        assert "Invalidated 3 Redis entries" in result.output, result.output
+        assert not any(admin.exists(key) for found in cached.values() for key in found)
         assert admin.get("someone-else:key") == b"untouched"  # our prefix only, never FLUSHDB
     admin.close()
 

@@ -107,6 +107,21 @@ def conversation_lock(conversation_id: uuid.UUID) -> str:
     return f"{PREFIX}:{conversation_tag(conversation_id)}:turn"
 
 
+def reply_tag(message_id: int) -> str:
+    """One reply run's keys share this hash tag, so one cluster slot."""
+    return f"{{m:{int(message_id)}}}"
+
+
+def reply_events(message_id: int) -> str:
+    """The Redis Stream of a reply's events (companion.runs.redis)."""
+    return f"{PREFIX}:{reply_tag(message_id)}:events"
+
+
+def reply_stop(message_id: int) -> str:
+    """Present while a stop of the reply has been asked for."""
+    return f"{PREFIX}:{reply_tag(message_id)}:stop"
+
+
 def lock(key: str) -> str:
     """The loader lock for `key`; same hash tag, so the same slot."""
     return f"{key}:lock"

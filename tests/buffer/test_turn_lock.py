@@ -105,21 +105,30 @@ async def test_a_wait_that_runs_out_is_a_409_conflict(locks: tuple[TurnLock, Tur
 
 
 async def test_redis_lease_is_renewed_while_the_turn_runs(backends: tuple[RedisBackend, RedisBackend]) -> None:
-    holder = RedisTurnLock(backends[0], wait_seconds=0.2, lease_seconds=0.3, poll_seconds=0.005)
-    other = RedisTurnLock(backends[1], wait_seconds=0.05, lease_seconds=0.3, poll_seconds=0.005)
+    """Without renewal a lease only ever counts down; renewal shows as its TTL going back up, and the
+    lease outliving its first expiry. (The lease is a second long, renewed every third of it, so a
+    loaded machine that delays one renewal by a few hundred ms does not lose it.)"""
+    lease = 1.0
+    holder = RedisTurnLock(backends[0], wait_seconds=0.2, lease_seconds=lease, poll_seconds=0.005)
+    other = RedisTurnLock(backends[1], wait_seconds=0.05, lease_seconds=lease, poll_seconds=0.005)
     conversation = uuid.uuid4()
     key = keys.conversation_lock(conversation)
+    loop = asyncio.get_running_loop()
     async with holder.hold(conversation):
-        renewed = 0
+        acquired = loop.time()
+        ttls: list[int] = []
+        renewals = 0
 
-        async def renewed_twice() -> bool:
-            nonlocal renewed
+        async def renewed_past_its_first_expiry() -> bool:
+            nonlocal renewals
             ttl = await backends[0].client.pttl(key)
-            if ttl > 250:
-                renewed += 1
-            return renewed >= 3
+            assert ttl > 0, f"the lease is gone while its turn still runs (ttl {ttl})"
+            if ttls and ttl > ttls[-1]:
+                renewals += 1
+            ttls.append(ttl)
+            return renewals >= 2 and loop.time() - acquired > 1.5 * lease
 
-        await wait_for(renewed_twice, timeout=3, what="the lease to be renewed past its first expiry")
+        await wait_for(renewed_past_its_first_expiry, timeout=10, what="the lease to be renewed past its first expiry")
         with pytest.raises(Conflict):
             async with other.hold(conversation):
                 pass
