@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     redis_health_check_interval_seconds: int = Field(default=15, ge=0, le=3600)
     redis_breaker_failures: int = Field(default=3, ge=1, le=1000)
     redis_breaker_reset_seconds: float = Field(default=2.0, gt=0, le=600)
+    # Topology (companion/cache/topology.py): auto detects a cluster at start from REDIS_URL's server.
+    redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
+    # Sentinel mode: "host:port,host:port,..." and the monitored primary's name. REDIS_URL then gives
+    # only the credentials, TLS options and database for the primary (its host and port are ignored).
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None  # for sentinels with their own requirepass
 
     cache_personality_ttl_seconds: float = Field(default=3600, gt=0)
     cache_preferences_ttl_seconds: float = Field(default=300, gt=0)
@@ -159,6 +166,21 @@ class Settings(BaseSettings):
         if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_host_ports(cls, value: str) -> str:
+        for entry in filter(None, (item.strip() for item in value.split(","))):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port[,host:port...]")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_mode_needs_sentinels(self) -> Settings:
+        if self.redis_enabled and self.redis_mode == "sentinel" and not self.redis_sentinels.strip():
+            raise ValueError("REDIS_MODE=sentinel needs REDIS_SENTINELS=host:port[,host:port...]")
+        return self
 
     @model_validator(mode="after")
     def _provider_needs(self) -> Settings:

@@ -13,8 +13,9 @@ from companion.cache.invalidation import InvalidationListener
 from companion.cache.local import LocalCache
 from companion.cache.memory import MemoryBackend
 from companion.cache.memory_search import MemorySearchCache
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import TieredCache
+from companion.cache.topology import RedisOptions, distrust_after_failover, make_topology
 from companion.chat.context import ContextAssembler
 from companion.chat.runs import ReplyRuns
 from companion.chat.service import ChatLimits, ChatService
@@ -104,22 +105,22 @@ class Services:
         backend: CacheBackend
         local = LocalCache(max_entries=settings.cache_local_max_entries)
         if settings.redis_enabled:
-            client = make_client(
-                settings.redis_url.get_secret_value(),
-                socket_timeout_ms=settings.redis_socket_timeout_ms,
-                connect_timeout_ms=settings.redis_connect_timeout_ms,
-                retries=settings.redis_retries,
-                max_connections=settings.redis_max_connections,
-                health_check_interval=settings.redis_health_check_interval_seconds,
-            )
+            # Standalone, cluster or sentinel (REDIS_MODE): nothing below this line knows which.
+            topology = make_topology(RedisOptions.from_settings(settings))
             breaker = CircuitBreaker(
                 failure_threshold=settings.redis_breaker_failures, reset_seconds=settings.redis_breaker_reset_seconds
             )
             backend = redis_backend = RedisBackend(
-                client, breaker=breaker, loop=loop, timeout=settings.redis_socket_timeout_ms / 1000
+                topology.client,
+                breaker=breaker,
+                topology=topology,
+                loop=loop,
+                timeout=settings.redis_socket_timeout_ms / 1000,
             )
             cache = TieredCache(backend, local=local)
-            listener = InvalidationListener(client, cache)
+            listener = InvalidationListener(topology, cache)
+            if topology.mode != "standalone":
+                redis_backend.on_recovery.append(distrust_after_failover(redis_backend, cache))
             redis_backend.on_recovery.append(cache.replay_pending)
             sessions = SessionService(
                 backend, fallback=MemoryBackend(), ttl_seconds=settings.session_ttl_seconds, clock=clock

@@ -82,7 +82,18 @@ async def get_conversation(conversation_id: uuid.UUID, user_id: UserIdDep, servi
 
 
 @router.delete("/{conversation_id}", status_code=204)
-async def delete_conversation(conversation_id: uuid.UUID, user_id: UserIdDep, services: ServicesDep) -> Response:
+async def delete_conversation(
+    conversation_id: uuid.UUID,
+    user_id: UserIdDep,
+    services: ServicesDep,
+    forget_memories: Annotated[
+        bool, Query(description="Also forget the memories kept from it (episodes and the facts drawn from them).")
+    ] = False,
+) -> Response:
+    if forget_memories:
+        await services.conversations.get(user_id, conversation_id)  # 404 before anything is forgotten
+        # Before the conversation goes: deleting it sets their conversation_id to NULL.
+        await services.memories.forget(user_id, conversation_id=conversation_id)
     await services.conversations.delete(user_id, conversation_id)
     return Response(status_code=204)
 

@@ -21,6 +21,7 @@ async def redis_health(services: Services) -> dict[str, Any]:
         return {"status": "disabled", "cache": "in-process"}
     breaker = services.redis.breaker
     state: dict[str, Any] = {
+        "mode": services.redis.topology.mode,
         "circuit": breaker.state,
         "invalidation_channel": "connected"
         if services.listener is not None and services.listener.connected.is_set()
@@ -29,9 +30,11 @@ async def redis_health(services: Services) -> dict[str, Any]:
     }
     try:
         state["latency_ms"] = round(await services.redis.ping(), 2)
+        # cluster: state, slots covered, nodes reachable; sentinel: the current primary
+        state.update(await services.redis.describe())
     except CacheUnavailable:
         return {"status": "down", **state}
-    healthy = state["invalidation_channel"] == "connected"
+    healthy = state["invalidation_channel"] == "connected" and state.get("cluster_state", "ok") == "ok"
     return {"status": "ok" if healthy else "degraded", **state}
 
 

@@ -5,7 +5,11 @@ through a circuit breaker, and any Redis error surfaces as `CacheUnavailable`.
 Timeouts tolerate a late event loop: each operation gets `REDIS_SOCKET_TIMEOUT_MS` of loop time not
 lost to our own stalls (`companion.overload.loop`), and the client's socket timeout is only a
 backstop (`socket_timeout_backstop`). The breaker counts errors, not late replies: a timeout while
-our loop was stalled, or a wait for one of our own pooled connections, says nothing about Redis."""
+our loop was stalled, or a wait for one of our own pooled connections, says nothing about Redis.
+
+The client may be a single server's, a Sentinel-managed primary's or a `RedisCluster`
+(`companion.cache.topology` builds it); the backend's callers cannot tell. The few commands whose
+cluster form differs (MGET over slots, SCAN over every primary) are chosen here once."""
 
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from companion.cache.backend import CacheUnavailable
@@ -28,6 +33,10 @@ from companion.cache.keys import PREFIX
 from companion.overload.loop import LagTolerantTimeout, LoopMonitor
 
 T = TypeVar("T")
+
+# Everything a Redis call can raise when Redis (not our code) is the trouble. RedisClusterException
+# is not a RedisError (e.g. SlotNotCoveredError while a cluster failover is under way).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 # KEYS: value key, lock key (same hash tag, same slot). ARGV: value, lock token, ttl in ms.
 _SET_IF_LOCKED = """
@@ -129,15 +138,24 @@ class RedisBackend:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Any,
         *,
         breaker: CircuitBreaker | None = None,
+        topology: Any = None,
         loop: LoopMonitor | None = None,
         timeout: float = 0.25,
     ) -> None:
-        """`timeout`: seconds of loop time an operation may take (REDIS_SOCKET_TIMEOUT_MS); `loop`
+        """`client`: an `aioredis.Redis` or a `RedisCluster`; `topology`: the
+        `companion.cache.topology.Topology` it came from (a single server's when not given).
+        `timeout`: seconds of loop time an operation may take (REDIS_SOCKET_TIMEOUT_MS); `loop`
         measures our own event loop's stalls, which do not count against it."""
+        if topology is None:
+            from companion.cache.topology import StandaloneTopology  # it builds on this module
+
+            topology = StandaloneTopology(client)
         self.client = client
+        self.topology = topology
+        self.cluster = isinstance(client, RedisCluster)
         self.breaker = breaker or CircuitBreaker()
         self.loop = loop
         self.timeout = timeout
@@ -160,7 +178,7 @@ class RedisBackend:
                     result = await operation()
             else:
                 result = await operation()
-        except (RedisError, OSError, TimeoutError) as error:
+        except REDIS_ERRORS as error:
             if self._busy_not_broken(error, stalled):
                 self.late += 1
                 self.breaker.abandon()
@@ -187,12 +205,14 @@ class RedisBackend:
         return False
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(key))  # type: ignore[arg-type,return-value]
+        return await self._call(lambda: self.client.get(key))
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        return await self._call(lambda: self.client.mget(list(keys)))  # type: ignore[arg-type,return-value]
+        if self.cluster:  # keys of several slots: one MGET per slot
+            return await self._call(lambda: self.client.mget_nonatomic(list(keys)))
+        return await self._call(lambda: self.client.mget(list(keys)))
 
     async def set(self, key: str, value: bytes, ttl_seconds: float | None = None) -> None:
         px = int(ttl_seconds * 1000) if ttl_seconds is not None else None
@@ -263,10 +283,34 @@ class RedisBackend:
         await self._call(self.client.ping)
         return (time.perf_counter() - started) * 1000
 
+    async def describe(self) -> dict[str, Any]:
+        """The topology's mode and state for /health (cluster: nodes reachable, slots covered;
+        sentinel: the current primary). Raises CacheUnavailable."""
+        return await self._call(self.topology.status)
+
     async def info(self) -> dict[str, Any]:
-        stats = await self._call(lambda: self.client.info("stats"))
-        memory = await self._call(lambda: self.client.info("memory"))
-        return {**stats, **memory}
+        """Redis's own counters and memory, summed over every primary (numbers) on a cluster."""
+
+        async def run() -> dict[str, Any]:
+            total: dict[str, Any] = {}
+            primaries = await self.topology.primaries()
+            try:
+                for client in primaries:
+                    stats = await client.info("stats")
+                    memory = await client.info("memory")
+                    for name, value in {**stats, **memory}.items():
+                        if isinstance(value, int | float) and not isinstance(value, bool) and name in total:
+                            total[name] += value
+                        else:
+                            total.setdefault(name, value)
+            finally:
+                if self.topology.mode == "cluster":
+                    for client in primaries:
+                        await client.aclose()
+            total["primaries"] = len(primaries)
+            return total
+
+        return await self._call(run)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.topology.aclose()

@@ -218,6 +218,7 @@ class ChatService:
             summary=summary,
             memories=memories,
             memory_budget=self.limits.memory_tokens,
+            now=user_message.created_at,
         )
         return Turn(
             user_id,
