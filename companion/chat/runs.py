@@ -259,9 +259,10 @@ class ReplyRuns:
     async def stop(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, *, wait: float = 5.0
     ) -> MessageOut:
-        """Stop a reply wherever it runs and return its row once settled (at most `wait` seconds).
-        Raises NotFound (not the user's reply), Conflict when it runs elsewhere and there is no
-        Redis to reach that instance, CacheUnavailable-mapped 503 from the caller's view."""
+        """Stop a reply wherever it runs and return its row once settled (waiting at most `wait`
+        seconds; then as it is). Raises NotFound (not the user's reply) and Conflict (409
+        `reply_elsewhere`) when another instance runs it and Redis, which would reach it, is off or
+        unreachable."""
         message = await self._conversations.get_reply(user_id, conversation_id, message_id)
         if message.status != "streaming":
             return message
