@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-GROUPS = ("cache", "context", "http", "model", "growth", "memory-eval")
+GROUPS = ("cache", "context", "http", "model", "growth", "overload", "redis", "memory-eval")
 REQUIRED = {"matplotlib": "matplotlib", "limits": "limits"}
 
 
@@ -64,7 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from bench import cache, context, growth, http, memory_eval, model
+    from bench import cache, context, growth, http, memory_eval, model, overload, redis_scaling
     from bench.env import DEFAULT_PG_ADMIN_DSN, BenchEnv, machine, versions
     from bench.harness import Budget, progress
     from bench.report import Outcome, Report, write_report
@@ -82,6 +82,8 @@ async def run(args: argparse.Namespace) -> int:
         "http": lambda env: http.run(env, quick=args.quick, workers=args.workers, profile=args.profile),
         "model": lambda env: model.run(env, quick=args.quick),
         "growth": lambda env: growth.run(env, budget, quick=args.quick),
+        "overload": lambda env: overload.run(env, quick=args.quick),
+        "redis": lambda env: redis_scaling.run(env, budget, quick=args.quick),
         "memory-eval": memory_eval.run,
     }
     outcome = Outcome()

@@ -60,6 +60,15 @@ def verdicts(figures: dict[str, float]) -> list[Verdict]:
                 _judge(ttfb is not None and ttfb <= 3000, ttfb),
             )
         )
+
+    resume = _get(figures, "http.resume.other.p50_us")
+    found.append(
+        Verdict(
+            "resume request to its first replayed event, through another server (Redis): p50 < 20 ms",
+            format_us(resume),
+            _judge(resume is not None and resume < 20_000, resume),
+        )
+    )
     for key, label, goal, at_least in (
         ("memory_eval.recall@10", "memory evaluation, evidence recall@10 ≥ 0.85", 0.85, True),
         ("memory_eval.recall@5", "memory evaluation, evidence recall@5 ≥ 0.75", 0.75, True),

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from companion import __version__
 from companion.api import (
+    admission,
     conversations,
     health,
     memories,
@@ -56,6 +57,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RateLimitMiddleware)
+    app.add_middleware(admission.AdmissionMiddleware)  # outermost: a busy worker refuses before any work
     for module in (health, metrics, personalities, preferences, conversations, memories, sessions, openai_compat):
         app.include_router(module.router)
     web.install(app)  # the chat page at /

@@ -123,14 +123,27 @@ class Conversation(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+    __table_args__ = (
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        # The sweeper looks for replies still streaming every few seconds: only those are indexed.
+        Index(
+            "ix_messages_streaming",
+            "status",
+            sqlite_where=text("status = 'streaming'"),
+            postgresql_where=text("status = 'streaming'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
-    # complete | streaming | incomplete (client left mid-reply) | error (provider failed mid-reply)
+    # complete | streaming | stopped (stop requested) | incomplete (its instance died, or an
+    # OpenAI-compatible client left) | error (provider failed mid-reply)
     status: Mapped[str] = mapped_column(String(16), default="complete")
+    # While streaming: when its run last showed it was alive (every save, and a heartbeat while the
+    # model stalls). A streaming reply whose heartbeat is stale has lost its instance (companion.chat.runs).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
