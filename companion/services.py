@@ -262,7 +262,9 @@ class Services:
             return
         if await pgvector_ready(self.database):
             embedder = self.memories.embedder
-            self.memories.store = PgVectorStore(self.database, model_id=embedder.model_id, dimensions=embedder.dimensions)
+            self.memories.store = PgVectorStore(
+                self.database, model_id=embedder.model_id, dimensions=embedder.dimensions
+            )
         elif wanted == "pgvector":
             raise SettingsError(
                 "MEMORY_VECTOR_STORE=pgvector needs PostgreSQL with the pgvector extension installed and "

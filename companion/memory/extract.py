@@ -47,7 +47,13 @@ _PEOPLE = (
 _ADV = r"(?:just |recently |finally |currently |now |still |already |also |really |usually |often )?"
 _KINDS: list[tuple[str, re.Pattern[str]]] = [
     ("name", re.compile(r"\b(?:my name is|call me|i am called|i'm called|my nickname is)\b", re.I)),
-    ("person", re.compile(rf"\bmy (?:\w+ )?(?:{_PEOPLE})\b|\bi(?: have|'ve got| have got|'ve) (?:a|an|two|three|four|\d+) (?:\w+ )?(?:{_PEOPLE})", re.I)),
+    (
+        "person",
+        re.compile(
+            rf"\bmy (?:\w+ )?(?:{_PEOPLE})\b|\bi(?: have|'ve got| have got|'ve) (?:a|an|two|three|four|\d+) (?:\w+ )?(?:{_PEOPLE})",
+            re.I,
+        ),
+    ),
     (
         "plan",
         re.compile(

@@ -125,7 +125,9 @@ class MemoryService:
             return await asyncio.wait_for(asyncio.shield(search), self.config.deadline_seconds)
         except TimeoutError:
             self.stats.recall_timeouts += 1
-            logger.warning("memory recall took longer than %.0f ms; replying without it", self.config.deadline_seconds * 1000)
+            logger.warning(
+                "memory recall took longer than %.0f ms; replying without it", self.config.deadline_seconds * 1000
+            )
         except CompanionError:
             self.stats.recall_failures += 1
             logger.warning("memory recall failed; replying without it", exc_info=True)
@@ -186,9 +188,7 @@ class MemoryService:
 
     # --- extraction ------------------------------------------------------------------------------
 
-    def schedule_extraction(
-        self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, text: str
-    ) -> None:
+    def schedule_extraction(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, text: str) -> None:
         """Extract memories from a user's message in the background."""
         if not self.enabled:
             return
@@ -209,7 +209,9 @@ class MemoryService:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _extract_quietly(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, text: str) -> None:
+    async def _extract_quietly(
+        self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, text: str
+    ) -> None:
         try:
             await self.extract(user_id, conversation_id, message_id, text)
         except Exception:
@@ -246,7 +248,9 @@ class MemoryService:
                     kept.append(await self.store.replace(user_id, nearest[0].id, memory, self._clock()))
                     self.stats.updated += 1
                 elif await self.store.count(user_id) >= self.config.max_per_user:
-                    logger.warning("user %s has %d memories, the maximum; not adding more", user_id, self.config.max_per_user)
+                    logger.warning(
+                        "user %s has %d memories, the maximum; not adding more", user_id, self.config.max_per_user
+                    )
                 else:
                     kept.append(await self.store.add(user_id, memory, self._clock()))
                     self.stats.added += 1

@@ -235,7 +235,12 @@ class SqlVectorStore:
             row = await session.scalar(select(Memory).where(Memory.id == memory_id, Memory.user_id == user_id))
             if row is None:
                 raise memory_not_found()
-            row.text, row.kind, row.embedding, row.model = memory.text, memory.kind, to_bytes(memory.vector), self.model_id
+            row.text, row.kind, row.embedding, row.model = (
+                memory.text,
+                memory.kind,
+                to_bytes(memory.vector),
+                self.model_id,
+            )
             row.conversation_id, row.source_message_id, row.updated_at = (
                 memory.conversation_id,
                 memory.source_message_id,
@@ -291,7 +296,9 @@ class SqlVectorStore:
             result = await session.execute(delete(Memory).where(Memory.user_id == user_id))
             generation = await self._bump(session, user_id)
         self._changed(
-            user_id, generation, lambda m: _Matrix(generation or 0, [], np.empty((0, self.dimensions), dtype=np.float32))
+            user_id,
+            generation,
+            lambda m: _Matrix(generation or 0, [], np.empty((0, self.dimensions), dtype=np.float32)),
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 

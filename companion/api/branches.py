@@ -1,0 +1,85 @@
+"""Regenerate, edit and switch: a conversation is a tree of messages with one active path.
+
+Regenerating answers a user message again (the earlier replies stay as alternatives, the "swipe"
+of companion front-ends); editing a user message starts a new branch from its parent with its own
+reply; activating a message makes the branch through it the active one. Both new replies stream
+exactly as a normal turn does (POST /v1/conversations/{id}/messages)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from companion.api.conversations import STREAM_DESCRIPTION, _collect, _stream, error_response, first_event
+from companion.api.deps import ServicesDep, UserIdDep
+from companion.api.sse import sse_response
+from companion.chat.service import ErrorEvent, Turn
+from companion.conversations.schemas import MessageIn
+from companion.errors import InvalidInput
+from companion.services import Services
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}
+}
+
+
+class RegenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stream: bool = Field(default=True, description="Stream the reply as Server-Sent Events (default) or return JSON.")
+
+
+class ActiveOut(BaseModel):
+    head_id: int = Field(description="The newest message of the now active path.")
+
+
+async def _respond(services: Services, turn: Turn, stream: bool) -> Response:
+    events = services.chat.run(turn)
+    first = await first_event(events)
+    if isinstance(first, ErrorEvent) and first.message_id is None:
+        return error_response(first.error)
+    if not stream:
+        return await _collect(first, events)
+    return sse_response(_stream(services, turn, first, events))
+
+
+@router.post("/{conversation_id}/messages/{message_id}/regenerate", responses=STREAMED)
+async def regenerate(
+    conversation_id: uuid.UUID,
+    message_id: int,
+    user_id: UserIdDep,
+    services: ServicesDep,
+    body: RegenerateIn | None = None,
+) -> Response:
+    """Another reply to the user message `message_id` (or to the one the reply `message_id`
+    answers). The earlier replies stay as alternatives (see `siblings` in the messages list); the
+    new one is active and is what later prompts see."""
+    conversation = await services.conversations.get(user_id, conversation_id)
+    turn = await services.chat.regenerate(user_id, conversation, message_id)
+    return await _respond(services, turn, body.stream if body else True)
+
+
+@router.post("/{conversation_id}/messages/{message_id}/edit", responses=STREAMED)
+async def edit(
+    conversation_id: uuid.UUID, message_id: int, body: MessageIn, user_id: UserIdDep, services: ServicesDep
+) -> Response:
+    """Send an edited version of your message `message_id`: it starts a new branch from the same
+    point, with its own reply. The old branch stays; switch back with .../activate."""
+    conversation = await services.conversations.get(user_id, conversation_id)
+    edited = await services.conversations.message(user_id, conversation_id, message_id)
+    if edited.role != "user":
+        raise InvalidInput("Only your own messages can be edited.", code="cannot_edit", param="message_id")
+    turn = await services.chat.begin(user_id, conversation, body.content, parent_id=edited.parent_id)
+    return await _respond(services, turn, body.stream)
+
+
+@router.post("/{conversation_id}/messages/{message_id}/activate", response_model=ActiveOut)
+async def activate(conversation_id: uuid.UUID, message_id: int, user_id: UserIdDep, services: ServicesDep) -> ActiveOut:
+    """Switch to the branch through `message_id` (an alternative reply, or an earlier version of an
+    edited message): the active path now goes through it, down to its newest reply."""
+    conversation = await services.conversations.get(user_id, conversation_id)
+    return ActiveOut(head_id=await services.chat.switch(user_id, conversation, message_id))
