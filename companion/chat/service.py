@@ -185,6 +185,8 @@ class ChatService:
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
             history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
+            if not isinstance(parent_id, AtHead):  # an edit: a new branch
+                await self._context.path_changed(conversation.id)
             summary = await self._context.summary(conversation.id)
             memories = await self._context.recall(user_id, preferences, content, generation=generation)
         except BaseException:

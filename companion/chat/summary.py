@@ -94,24 +94,49 @@ class Summarizer:
 
         async def load() -> Summary | None:
             async with self._db.session() as session:
-                rows = (
+                row = (
+                    await session.execute(
+                        select(ConversationSummary)
+                        .where(ConversationSummary.conversation_id == conversation_id)
+                        .order_by(ConversationSummary.id.desc())
+                        .limit(1)
+                    )
+                ).scalar_one_or_none()
+            return Summary(upto_message_id=row.upto_message_id, content=row.content) if row else None
+
+        return await self._cached.get(keys.conversation_summary(conversation_id), load)
+
+    async def follow_path(self, conversation_id: uuid.UUID) -> None:
+        """After the active path changed (a branch switch, an edit, a regenerate): make the newest
+        summary one of the new path. A summary covers the path it was made on, up to its
+        `upto_message_id`; if the newest one's message is not on the new path, the newest one that is
+        (or an empty one) is added again as the newest row, so that nothing is deleted and `latest`
+        stays one indexed read."""
+        async with self._db.session() as session:
+            rows = list(
+                (
                     await session.execute(
                         select(ConversationSummary)
                         .where(ConversationSummary.conversation_id == conversation_id)
                         .order_by(ConversationSummary.id.desc())
                     )
                 ).scalars()
-                on_path: set[int] | None = None
-                for row in rows:
-                    # A summary covers the path it was made on: after a branch switch, the newest one
-                    # whose last message is still on the active path.
-                    if on_path is None:
-                        on_path = set(await tree.path_ids(session, await _head(session, conversation_id)))
-                    if row.upto_message_id in on_path:
-                        return Summary(upto_message_id=row.upto_message_id, content=row.content)
-            return None
-
-        return await self._cached.get(keys.conversation_summary(conversation_id), load)
+            )
+            if not rows:
+                return
+            on_path = set(await tree.path_ids(session, await _head(session, conversation_id)))
+            if rows[0].upto_message_id in on_path:
+                return
+            valid = next((row for row in rows if row.upto_message_id in on_path), None)
+            session.add(
+                ConversationSummary(
+                    conversation_id=conversation_id,
+                    upto_message_id=valid.upto_message_id if valid else 0,
+                    content=valid.content if valid else "",
+                    created_at=self._clock(),
+                )
+            )
+        await self._cache.invalidate(keys.conversation_summary(conversation_id))
 
     def schedule(self, conversation_id: uuid.UUID) -> None:
         """Fold departed messages into the summary in the background (one run per conversation)."""

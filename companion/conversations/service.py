@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from companion.conversations import transfer, tree
 from companion.conversations.schemas import ConversationOut, MessageOut, MessageStatus
@@ -189,25 +190,35 @@ class ConversationService:
         now = self._clock()
         row = Message(conversation_id=conversation_id, role="user", content=content, status="complete", created_at=now)
         async with self._db.session() as session:
+            head = aliased(Message)
             found = (
                 await session.execute(
-                    select(Conversation.updated_at, Conversation.head_id, Conversation.title, User.memory_generation)
+                    select(
+                        Conversation.updated_at,
+                        Conversation.head_id,
+                        Conversation.title,
+                        User.memory_generation,
+                        head.created_at.label("head_at"),
+                    )
                     .join(User, User.id == Conversation.user_id)
+                    .outerjoin(head, head.id == Conversation.head_id)
                     .where(Conversation.id == conversation_id, Conversation.user_id == user_id)
                 )
             ).one_or_none()
             if found is None:
                 raise _conversation_not_found()
-            parent = found.head_id if isinstance(parent_id, AtHead) else parent_id
-            previous_at = found.updated_at
-            if parent is not None:
-                previous_at = (
-                    await session.execute(
-                        select(Message.created_at).where(
-                            Message.id == parent, Message.conversation_id == conversation_id
+            if isinstance(parent_id, AtHead):
+                parent, previous_at = found.head_id, found.head_at or found.updated_at
+            else:
+                parent, previous_at = parent_id, found.updated_at
+                if parent is not None:
+                    previous_at = (
+                        await session.execute(
+                            select(Message.created_at).where(
+                                Message.id == parent, Message.conversation_id == conversation_id
+                            )
                         )
-                    )
-                ).scalar_one_or_none() or previous_at
+                    ).scalar_one_or_none() or previous_at
             row.parent_id = parent
             await _append(session, row)
             if found.title is None:

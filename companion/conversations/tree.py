@@ -9,8 +9,8 @@ end is also in id order. These helpers run inside the caller's session.
 from __future__ import annotations
 
 import uuid
-from typing import Any
 from collections import defaultdict
+from typing import Any
 
 from sqlalchemy import Select, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession

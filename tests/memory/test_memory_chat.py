@@ -89,9 +89,7 @@ def memory_settings(database_url: str, tmp_path: Path, redis: RedisProcess | Non
     return make_settings(database_url, tmp_path, **values)
 
 
-async def start_nodes(
-    stack: AsyncExitStack, settings: Settings, clock: MovableClock, count: int = 2
-) -> list[Node]:
+async def start_nodes(stack: AsyncExitStack, settings: Settings, clock: MovableClock, count: int = 2) -> list[Node]:
     nodes: list[Node] = []
     key: str | None = None
     for _ in range(count):
@@ -235,7 +233,9 @@ async def test_a_recall_past_its_deadline_lets_the_reply_go_ahead_without_memori
 async def test_memories_are_recorded_with_their_source(services: Services) -> None:
     user = (await services.users.create("u")).id
     conversation = await services.conversations.create(user, "elara")
-    message = await services.conversations.add_message(conversation.id, "user", "Hi! I'm vegetarian. What's for dinner?")
+    message = await services.conversations.add_message(
+        conversation.id, "user", "Hi! I'm vegetarian. What's for dinner?"
+    )
     (kept,) = await services.memories.extract(user, conversation.id, message.id, message.content)
     assert (kept.text, kept.kind) == ("The user is vegetarian.", "preference")
     assert (kept.conversation_id, kept.source_message_id) == (conversation.id, message.id)

@@ -27,7 +27,8 @@ from tests.support.live import SSEEvent, iter_sse
 
 DEADLINE = 10.0  # seconds; generous, only there so that a regression fails instead of hanging
 SUMMARY_HEADER = "\n\nSummary of the earlier conversation:\n"
-_SELECT_MESSAGES = re.compile(r"^\s*SELECT\b.*\bFROM\s+messages\b", re.IGNORECASE | re.DOTALL)
+# (A read of the active path starts with its recursive CTE: WITH RECURSIVE path ... SELECT ... FROM messages.)
+_SELECT_MESSAGES = re.compile(r"^\s*(WITH\b.*)?SELECT\b.*\bFROM\s+messages\b", re.IGNORECASE | re.DOTALL)
 
 Pair = tuple[str, str]
 
