@@ -51,6 +51,9 @@ class ChatLimits:
     memory_tokens: int = 200
 
 
+NOTHING_BEFORE = "nothing"
+
+
 async def _nothing() -> None:
     return None
 
@@ -184,7 +187,10 @@ class ChatService:
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
-            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
+            # A message that follows nothing (the first, or an edit of the first) must not extend any
+            # buffer: no buffered message is stamped NOTHING_BEFORE, so one that exists is rebuilt.
+            after = stamp(previous_at) if previous_at is not None else NOTHING_BEFORE
+            history = await self._context.history(conversation.id, newest, after=after)
             if not isinstance(parent_id, AtHead):  # an edit: a new branch
                 await self._context.path_changed(conversation.id)
             summary = await self._context.summary(conversation.id)

@@ -180,11 +180,11 @@ class ConversationService:
 
     async def add_turn_message(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID, content: str, *, parent_id: int | AtHead | None = HEAD
-    ) -> tuple[MessageOut, datetime, int]:
+    ) -> tuple[MessageOut, datetime | None, int]:
         """Store the user's message that starts a turn, after `parent_id` (by default the end of the
         active path; an edit gives the edited message's parent), in one transaction that also reads
         what the turn needs: the time of the message it follows (the stamp the buffer must end with;
-        the conversation's `updated_at` when it follows nothing) and the user's memory generation.
+        None when it follows nothing) and the user's memory generation.
         An untitled conversation takes its title from the message. Raises NotFound if the
         conversation is gone or is not the user's."""
         now = self._clock()
@@ -207,10 +207,11 @@ class ConversationService:
             ).one_or_none()
             if found is None:
                 raise _conversation_not_found()
+            previous_at: datetime | None
             if isinstance(parent_id, AtHead):
-                parent, previous_at = found.head_id, found.head_at or found.updated_at
+                parent, previous_at = found.head_id, found.head_at
             else:
-                parent, previous_at = parent_id, found.updated_at
+                parent, previous_at = parent_id, None
                 if parent is not None:
                     previous_at = (
                         await session.execute(
@@ -218,7 +219,7 @@ class ConversationService:
                                 Message.id == parent, Message.conversation_id == conversation_id
                             )
                         )
-                    ).scalar_one_or_none() or previous_at
+                    ).scalar_one_or_none()
             row.parent_id = parent
             await _append(session, row)
             if found.title is None:
