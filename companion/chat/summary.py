@@ -108,10 +108,10 @@ class Summarizer:
 
     async def follow_path(self, conversation_id: uuid.UUID) -> None:
         """After the active path changed (a branch switch, an edit, a regenerate): make the newest
-        summary one of the new path. A summary covers the path it was made on, up to its
-        `upto_message_id`; if the newest one's message is not on the new path, the newest one that is
-        (or an empty one) is added again as the newest row, so that nothing is deleted and `latest`
-        stays one indexed read."""
+        summary the best one of the new path. A summary covers the path it was made on, up to its
+        `upto_message_id`; unless the newest one already reaches as far along the new path as any,
+        the one that does (or an empty one) is added again as the newest row, so that nothing is
+        deleted and `latest` stays one indexed read."""
         async with self._db.session() as session:
             rows = list(
                 (
@@ -125,9 +125,14 @@ class Summarizer:
             if not rows:
                 return
             on_path = set(await tree.path_ids(session, await _head(session, conversation_id)))
-            if rows[0].upto_message_id in on_path:
+            # Ids grow along a path: the summary reaching furthest along it covers the most.
+            valid = max(
+                (row for row in rows if row.upto_message_id in on_path),
+                key=lambda row: (row.upto_message_id, row.id),
+                default=None,
+            )
+            if valid is not None and rows[0].upto_message_id == valid.upto_message_id:
                 return
-            valid = next((row for row in rows if row.upto_message_id in on_path), None)
             session.add(
                 ConversationSummary(
                     conversation_id=conversation_id,
@@ -173,6 +178,14 @@ class Summarizer:
                     )
                 ).scalars()
             )
+        if (
+            previous is not None
+            and previous.upto_message_id
+            and previous.upto_message_id not in {m.id for m in settled}
+        ):
+            # Written for another branch while the path changed under a running summary: repair.
+            await self.follow_path(conversation_id)
+            return None
         if len(settled) < self.window:
             return None
         oldest_kept = settled[-self.window].id
