@@ -134,6 +134,9 @@ async def test_branch_routes_refuse_what_they_cannot_do(server: LiveServer, clie
     )
     assert_error(await client.post(_url(conversation, 10**9, "regenerate")), 404, "message_not_found")
     assert_error(await client.post(_url(conversation, 10**9, "activate")), 404, "message_not_found")
+    for action in ("regenerate", "activate"):
+        assert_error(await client.post(_url(conversation, 2**63, action)), 422)
+        assert_error(await client.post(_url(conversation, 0, action)), 422)
     assert_error(await client.post(_url(conversation, done["user_message_id"], "edit"), json={"content": " "}), 422)
     other_conversation = (await create_conversation(client))["id"]
     assert_error(await client.post(_url(other_conversation, done["message_id"], "regenerate")), 404)

@@ -8,12 +8,19 @@ exactly as a normal turn does (POST /v1/conversations/{id}/messages)."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from companion.api.conversations import STREAM_DESCRIPTION, _collect, _stream, error_response, first_event
+from companion.api.conversations import (
+    MAX_MESSAGE_ID,
+    STREAM_DESCRIPTION,
+    _collect,
+    _stream,
+    error_response,
+    first_event,
+)
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_response
 from companion.chat.service import ErrorEvent, Turn
@@ -22,6 +29,8 @@ from companion.errors import InvalidInput
 from companion.services import Services
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+# Message ids are 64-bit on every backend: a bigger one is a 422, never an overflow in the database.
+MessageId = Annotated[int, Path(ge=1, le=MAX_MESSAGE_ID)]
 STREAMED: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}
 }
@@ -50,7 +59,7 @@ async def _respond(services: Services, turn: Turn, stream: bool) -> Response:
 @router.post("/{conversation_id}/messages/{message_id}/regenerate", responses=STREAMED)
 async def regenerate(
     conversation_id: uuid.UUID,
-    message_id: int,
+    message_id: MessageId,
     user_id: UserIdDep,
     services: ServicesDep,
     body: RegenerateIn | None = None,
@@ -65,7 +74,7 @@ async def regenerate(
 
 @router.post("/{conversation_id}/messages/{message_id}/edit", responses=STREAMED)
 async def edit(
-    conversation_id: uuid.UUID, message_id: int, body: MessageIn, user_id: UserIdDep, services: ServicesDep
+    conversation_id: uuid.UUID, message_id: MessageId, body: MessageIn, user_id: UserIdDep, services: ServicesDep
 ) -> Response:
     """Send an edited version of your message `message_id`: it starts a new branch from the same
     point, with its own reply. The old branch stays; switch back with .../activate."""
@@ -78,7 +87,9 @@ async def edit(
 
 
 @router.post("/{conversation_id}/messages/{message_id}/activate", response_model=ActiveOut)
-async def activate(conversation_id: uuid.UUID, message_id: int, user_id: UserIdDep, services: ServicesDep) -> ActiveOut:
+async def activate(
+    conversation_id: uuid.UUID, message_id: MessageId, user_id: UserIdDep, services: ServicesDep
+) -> ActiveOut:
     """Switch to the branch through `message_id` (an alternative reply, or an earlier version of an
     edited message): the active path now goes through it, down to its newest reply."""
     conversation = await services.conversations.get(user_id, conversation_id)
