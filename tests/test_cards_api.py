@@ -100,7 +100,7 @@ async def test_export_gives_back_the_card_as_json_and_png(client: httpx.AsyncCli
 async def test_v3_json_and_v1_cards_import(client: httpx.AsyncClient):
     v3 = await _import(client, files.as_json(files.v3()), "application/json", name="cap")
     assert v3.status_code == 201 and v3.json()["card"]["spec"] == "chara_card_v3"
-    assert v3.json()["display_name"] == "Cap"
+    assert v3.json()["display_name"] == "Captain Mira Vale"  # the nickname is for {{char}} only
     v1 = await _import(client, files.as_json(files.v1()), "application/json")
     assert v1.status_code == 201 and v1.json()["name"] == "old-tom"
     exported = (await client.get("/v1/personalities/old-tom/export")).json()

@@ -176,7 +176,7 @@ class PersonalityService:
         if not name:
             base = candidates[0][:36]
             candidates += [f"{base}-{n}" for n in range(2, 50)]
-        display = " ".join(cards.character_name(data).split())[:80] or candidates[0]
+        display = " ".join(data.name.split())[:80] or candidates[0]
         now = self._clock()
         for candidate in candidates:
             row = Personality(
