@@ -275,7 +275,7 @@ VERSIONED = (
     ("FastAPI", "fastapi"),
     ("uvicorn", "uvicorn"),
     ("uvloop", "uvloop"),
-    ("llama-cpp-python", "llama_cpp_python"),
+    ("xllamacpp (llama.cpp)", "xllamacpp"),
     ("onnxruntime", "onnxruntime"),
     ("numpy", "numpy"),
     ("matplotlib", "matplotlib"),

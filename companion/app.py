@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from companion import __version__
 from companion.api import (
+    admission,
     branches,
     conversations,
     health,
@@ -58,6 +59,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, larger=interchange.UPLOAD_LIMITS)
     app.add_middleware(RateLimitMiddleware)
+    app.add_middleware(admission.AdmissionMiddleware)  # outermost: a busy worker refuses before any work
     # interchange and branches before conversations: /v1/conversations/export is not a conversation id.
     for module in (
         health,

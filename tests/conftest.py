@@ -1,5 +1,6 @@
 """Shared fixtures. Every database-backed test runs against SQLite and the real PostgreSQL
-(parametrized through `settings`); nothing is mocked. A skipped test fails the run (see the end)."""
+(parametrized through `settings`); nothing is mocked. A skipped test fails the run, and under
+`.ci/run` so does any test that was deselected or never collected (tests/support/strict_run.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ from companion.services import Services
 from companion.storage import migrate
 from companion.storage.database import Database
 from tests.support.live import LiveServer
+from tests.support.redis_topologies import LocalCluster, LocalSentinelSet
 
 PG_ADMIN_DSN = os.environ.get("COMPANION_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+# `pytester` runs small pytest sessions in a test, to check the strict-run plugin itself.
+pytest_plugins = ["pytester", "tests.support.strict_run"]
+
 TABLES = "memories, conversation_summaries, messages, conversations, preferences, personalities, api_keys, users"
 
 
@@ -84,6 +89,33 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     run_blocking(_migrate(f"sqlite+aiosqlite:///{path}"))
     return path
+
+
+# --- Redis Cluster and Sentinel (tests/support/redis_topologies.py) --------------------------------
+# Started once per test process, on first use, and left whole for the next test (a test that kills
+# a node heals the topology before it ends); every test empties them with `.flush()` first.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A private 6-node Redis Cluster: 3 primaries, 3 replicas."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinelSet]:
+    """A private Sentinel set: 1 primary, 1 replica, 3 sentinels."""
+    sentinels = LocalSentinelSet(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinels.start()
+        yield sentinels
+    finally:
+        sentinels.cleanup()
 
 
 def make_settings(database_url: str, tmp_path: Path, **overrides: object) -> Settings:
@@ -184,18 +216,3 @@ async def new_client(server: LiveServer, name: str = "bob") -> httpx.AsyncClient
     services: Services = server.app.state.services
     key = (await services.users.create(name)).api_key
     return httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-
-
-# --- no silent skips -----------------------------------------------------------------------------
-_skipped: list[str] = []
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped:
-        _skipped.append(report.nodeid)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _skipped:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        print(f"\n{len(_skipped)} test(s) were skipped; every test must run here:\n  " + "\n  ".join(_skipped))

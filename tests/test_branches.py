@@ -14,11 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from companion.llm.base import ChatMessage
 from companion.llm.scripted import ScriptedProvider
 from companion.storage.models import ConversationSummary
 from tests.conftest import make_settings, new_client
 from tests.support.api import all_messages, assert_error, chat, create_conversation, running_server, user_client
-from tests.support.conversation import DEADLINE, SUMMARY_HEADER, pairs
+from tests.support.conversation import DEADLINE, SUMMARY_LINE, pairs
 from tests.support.instances import running_instances
 from tests.support.live import LiveServer, iter_sse
 from tests.support.redis_proc import RedisProcess, running_redis
@@ -202,6 +203,12 @@ async def test_switching_branches_rebuilds_the_buffer_on_two_instances(
         assert "Message 4." not in [m["content"] for m in path]
 
 
+def summary_in(prompt: list[ChatMessage]) -> str:
+    """The running summary in a prompt's context block (on the newest user message), or ""."""
+    newest = prompt[-1].content
+    return newest.split(SUMMARY_LINE, 1)[1].split("\n", 1)[0] if SUMMARY_LINE in newest else ""
+
+
 async def test_the_running_summary_follows_the_active_path(database_url: str, tmp_path: Path):
     settings = make_settings(database_url, tmp_path, short_term_memory_size=WINDOW, summary_batch=2)
     provider = ScriptedProvider()
@@ -212,21 +219,21 @@ async def test_the_running_summary_follows_the_active_path(database_url: str, tm
         for n in range(8):
             turns.append(await chat(client, conversation, f"Old fact number {n}."))
             await services.summarizer.wait_idle()
-        assert "Old fact number 0." in provider.prompts[-1][0].content.split(SUMMARY_HEADER)[1]
+        assert "Old fact number 0." in summary_in(provider.prompts[-1])
 
         # Edit the second message: of the old branch's summaries, only what is still on the path (the
         # first exchange) may be in the prompt.
         await _edit(client, conversation, turns[1]["user_message_id"], "A new beginning.")
-        system = provider.prompts[-1][0].content
-        assert all(f"Old fact number {n}." not in system for n in range(1, 8)), system
+        summary = summary_in(provider.prompts[-1])
+        assert all(f"Old fact number {n}." not in summary for n in range(1, 8)), summary
         await services.summarizer.wait_idle()
         await chat(client, conversation, "Still on the new branch.")
-        assert all(f"Old fact number {n}." not in provider.prompts[-1][0].content for n in range(1, 8))
+        assert all(f"Old fact number {n}." not in summary_in(provider.prompts[-1]) for n in range(1, 8))
 
         # Back on the old branch, its summary is back.
         await _activate(client, conversation, turns[1]["user_message_id"])
         await chat(client, conversation, "Back again.")
-        assert "Old fact number 1." in provider.prompts[-1][0].content.split(SUMMARY_HEADER)[1]
+        assert "Old fact number 1." in summary_in(provider.prompts[-1])
         async with services.database.session() as session:
             rows = (await session.execute(select(ConversationSummary.id))).scalars().all()
         assert len(rows) >= 3  # summaries are only ever added

@@ -18,7 +18,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from companion.cache import keys
-from companion.chat.prompt import build_prompt
 from companion.config import Settings
 from companion.llm.scripted import ScriptedProvider
 from companion.personalities.schemas import PersonalityCreate
@@ -212,9 +211,13 @@ async def test_preferences_put_through_one_instance_shape_the_next_chat_on_the_o
 # --- 3. warm context loads run no personality or preference query ---------------------------------
 
 
-async def test_a_thousand_warm_context_loads_run_no_personality_or_preference_query(
-    started_services: Services, cache_mode: str
-):
+WARM_TURNS = 300
+
+
+async def test_warm_turn_set_ups_run_no_personality_or_preference_query(started_services: Services, cache_mode: str):
+    """Every load goes through `ChatService.begin`, the real turn set-up (it stores the message,
+    reads the history, the summary and the memories, and builds the prompt): a few hundred of them,
+    since each stores a message, rather than a thousand through a copy of its context assembly."""
     services = started_services
     user = await services.users.create("alice")
     await services.personalities.create(
@@ -225,6 +228,7 @@ async def test_a_thousand_warm_context_loads_run_no_personality_or_preference_qu
         await services.conversations.create(user.id, "quill"),
         await services.conversations.create(user.id, "elara"),
     ]
+    system_prompts = ["You are Quill.", "You are Elara"]
     with statement_log(services) as log:
         # Cold: the first turn of each conversation loads its personality (the log does see them).
         for conversation in conversations:
@@ -233,25 +237,18 @@ async def test_a_thousand_warm_context_loads_run_no_personality_or_preference_qu
         assert len(log.touching("preferences")) == 1, log.statements
         log.clear()
 
-        limits = services.chat.limits
-        for index in range(1000):
+        for index in range(WARM_TURNS):
             conversation = conversations[index % 2]
-            if index % 20 == 0:
-                # The full turn set-up (stores the message, reads the history, builds the prompt).
-                turn = await services.chat.begin(user.id, conversation, f"message {index}")
-                await turn.release()  # not run: give the conversation back
-                assert turn.prompt[-1].content == f"message {index}"
-            else:
-                # The same context assembly `begin` performs, without storing a message each time.
-                personality = await services.personalities.resolve(user.id, conversation.personality)
-                preferences = await services.preferences.get(user.id)
-                prompt = build_prompt(personality, preferences, [], token_budget=limits.context_tokens)
-                assert prompt[0].content.startswith(personality.system_prompt)
+            # The full turn set-up: stores the message, reads the history, builds the prompt.
+            turn = await services.chat.begin(user.id, conversation, f"message {index}")
+            await turn.release()  # not run: give the conversation back
+            assert turn.prompt[-1].content == f"message {index}"
+            assert turn.prompt[0].content.startswith(system_prompts[index % 2])
 
         assert log.touching(*PERSONALITY_TABLES) == [], log.touching(*PERSONALITY_TABLES)[:5]
         assert log.touching("messages"), "the statement log saw nothing: the check would prove nothing"
     stats = services.cache.stats
-    assert stats["personality"].l1_hits >= 1000 and stats["prefs"].l1_hits >= 1000
+    assert stats["personality"].l1_hits >= WARM_TURNS and stats["prefs"].l1_hits >= WARM_TURNS
     assert stats["personality"].misses == 2 and stats["prefs"].misses == 1
     if cache_mode == "redis":
         assert services.redis is not None and services.redis.breaker.state == "closed"

@@ -10,19 +10,22 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
+from companion.api.admission import hold_for_turn
 from companion.api.conversations import (
     MAX_MESSAGE_ID,
     STREAM_DESCRIPTION,
-    _collect,
     _stream,
     error_response,
-    first_event,
+    outcome_of,
+    start_run,
 )
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_response
+from companion.chat.runs import done_data
 from companion.chat.service import ErrorEvent, Turn
 from companion.conversations.schemas import MessageIn
 from companion.errors import InvalidInput
@@ -46,14 +49,18 @@ class ActiveOut(BaseModel):
     head_id: int = Field(description="The newest message of the now active path.")
 
 
-async def _respond(services: Services, turn: Turn, stream: bool) -> Response:
-    events = services.chat.run(turn)
-    first = await first_event(events)
-    if isinstance(first, ErrorEvent) and first.message_id is None:
-        return error_response(first.error)
+async def _respond(services: Services, request: Request, turn: Turn, stream: bool) -> Response:
+    """Run the turn as a reply run, exactly as POST .../messages does: resumable and stoppable."""
+    run = await start_run(services, hold_for_turn(request, turn))
+    if isinstance(run, Response):
+        return run
     if not stream:
-        return await _collect(first, events)
-    return sse_response(_stream(services, turn, first, events))
+        outcome = await outcome_of(run)
+        if isinstance(outcome, ErrorEvent):
+            return error_response(outcome.error)
+        return JSONResponse(done_data(outcome))
+    assert run.message_id is not None
+    return sse_response(_stream(services.runs.local, run.message_id, -1))
 
 
 @router.post("/{conversation_id}/messages/{message_id}/regenerate", responses=STREAMED)
@@ -62,6 +69,7 @@ async def regenerate(
     message_id: MessageId,
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     body: RegenerateIn | None = None,
 ) -> Response:
     """Another reply to the user message `message_id` (or to the one the reply `message_id`
@@ -69,21 +77,26 @@ async def regenerate(
     new one is active and is what later prompts see."""
     conversation = await services.conversations.get(user_id, conversation_id)
     turn = await services.chat.regenerate(user_id, conversation, message_id)
-    return await _respond(services, turn, body.stream if body else True)
+    return await _respond(services, request, turn, body.stream if body else True)
 
 
 @router.post("/{conversation_id}/messages/{message_id}/edit", responses=STREAMED)
 async def edit(
-    conversation_id: uuid.UUID, message_id: MessageId, body: MessageIn, user_id: UserIdDep, services: ServicesDep
+    conversation_id: uuid.UUID,
+    message_id: MessageId,
+    body: MessageIn,
+    user_id: UserIdDep,
+    services: ServicesDep,
+    request: Request,
 ) -> Response:
     """Send an edited version of your message `message_id`: it starts a new branch from the same
     point, with its own reply. The old branch stays; switch back with .../activate."""
     conversation = await services.conversations.get(user_id, conversation_id)
-    edited = await services.conversations.message(user_id, conversation_id, message_id)
+    edited = await services.conversations.owned_message(user_id, conversation_id, message_id)
     if edited.role != "user":
         raise InvalidInput("Only your own messages can be edited.", code="cannot_edit", param="message_id")
     turn = await services.chat.begin(user_id, conversation, body.content, parent_id=edited.parent_id)
-    return await _respond(services, turn, body.stream)
+    return await _respond(services, request, turn, body.stream)
 
 
 @router.post("/{conversation_id}/messages/{message_id}/activate", response_model=ActiveOut)

@@ -18,6 +18,7 @@ from companion.conversations.buffer import BufferedMessage, ConversationBuffer, 
 from companion.conversations.schemas import ConversationOut
 from companion.conversations.service import ConversationService
 from companion.memory.service import MemoryService
+from companion.memory.store import MemoryOut
 from companion.personalities.schemas import PersonalityOut
 from companion.personalities.service import PersonalityService
 from companion.preferences.schemas import Preferences
@@ -123,12 +124,12 @@ class ContextAssembler:
 
     async def recall(
         self, user_id: uuid.UUID, preferences: Preferences, query: str, *, generation: int | None = None
-    ) -> list[str]:
-        """Long-term memories for the prompt (none if the user turned memory off). `generation`: the
-        user's memory generation if the caller has just read it from the database."""
+    ) -> list[MemoryOut]:
+        """Long-term memories for the prompt (none if the user turned memory off), each with when it
+        was said. `generation`: the user's memory generation if the caller has just read it."""
         if self.memories is None or not preferences.memory_enabled:
             return []
-        return [memory.text for memory in await self.memories.recall(user_id, query, generation=generation)]
+        return await self.memories.recall(user_id, query, generation=generation)
 
     def after_turn(self, conversation_id: uuid.UUID, history_length: int) -> None:
         if self._summarizer is not None and history_length >= self.window:

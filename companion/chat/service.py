@@ -4,7 +4,11 @@ stream the reply while saving it, and settle its final state whatever happens.
 Durability rules (DESIGN-NOTES #6): the user's message is committed before generation starts; the
 reply row is created at its first token and its text saved at least every
 STREAM_FLUSH_INTERVAL_SECONDS while streaming; a client that leaves mid-reply leaves the partial
-text marked `incomplete`; a provider failure mid-reply leaves what was generated marked `error`.
+text marked `incomplete`; a provider failure mid-reply leaves what was generated marked `error`; a
+stop request leaves it `stopped`. While the reply streams, its row carries a heartbeat (every save,
+and every `heartbeat_seconds` while the model stalls), which tells other instances it is alive.
+
+A turn is consumed by its reply run (companion.chat.runs), on a task of its own, not by a request.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,7 +26,7 @@ import anyio
 
 from companion.cache.backend import CacheUnavailable
 from companion.chat.context import ContextAssembler
-from companion.chat.prompt import build_prompt, user_name
+from companion.chat.prompt import Remembered, build_prompt, user_name
 from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
 from companion.conversations.service import HEAD, AtHead, ConversationService
@@ -49,6 +53,7 @@ class ChatLimits:
     repeat_penalty: float = 1.1
     flush_interval_seconds: float = 0.25
     memory_tokens: int = 200
+    heartbeat_seconds: float = 2.0
 
 
 NOTHING_BEFORE = "nothing"
@@ -77,6 +82,13 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class ReplyStarted:
+    """The reply's row exists (before its first token is yielded): its id names the reply."""
+
+    message_id: int
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     text: str
 
@@ -97,7 +109,15 @@ class ErrorEvent:
     content: str = ""
 
 
-ChatEvent = TokenEvent | DoneEvent | ErrorEvent
+ChatEvent = ReplyStarted | TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class RunControl:
+    """Set by whoever runs a turn before cancelling its task: a cancellation with `stop_requested`
+    is a stop (the reply ends `stopped`, with a DoneEvent), any other one leaves it `incomplete`."""
+
+    stop_requested: bool = False
 
 
 @dataclass
@@ -114,6 +134,8 @@ class _Reply:
     closed: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     flusher: asyncio.Task[None] | None = None
+    # Another instance settled this reply (it thought the run dead): stop generating it.
+    taken_over: bool = False
 
     @property
     def text(self) -> str:
@@ -260,7 +282,7 @@ class ChatService:
         preferences: Preferences,
         history: list[BufferedMessage],
         summary: str | None,
-        memories: list[str],
+        memories: Sequence[Remembered | str],
         held: contextlib.AsyncExitStack,
         *,
         max_tokens: int | None = None,
@@ -280,6 +302,7 @@ class ChatService:
             summary=summary,
             memories=memories,
             memory_budget=self.limits.memory_tokens,
+            now=user_message.created_at,
         )
         return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history), learn=learn)
 
@@ -287,11 +310,14 @@ class ChatService:
         if self._quotas is not None and self._quotas.enabled:
             await self._quotas.enforce(user_id)  # 429 token_quota_exceeded
 
-    async def run(self, turn: Turn) -> AsyncIterator[ChatEvent]:
-        """Generate and persist the reply, yielding its tokens and then one DoneEvent or ErrorEvent.
+    async def run(self, turn: Turn, control: RunControl | None = None) -> AsyncGenerator[ChatEvent, None]:
+        """Generate and persist the reply, yielding ReplyStarted (once its row exists), its tokens,
+        then one DoneEvent or ErrorEvent (an ErrorEvent without a message id: it failed before any).
 
-        If the consumer stops early (client disconnect), the partial reply is saved `incomplete`.
-        The conversation is released before the final event, so the client may send at once.
+        If the consumer stops early or is cancelled, the partial reply is saved `incomplete`; if it
+        is cancelled with `control.stop_requested`, it is saved `stopped` and ends with a DoneEvent
+        (finish_reason `stopped`). The conversation is released before the final event, so the
+        client may send at once.
         """
         reply = _Reply(last_flush=time.monotonic())
         settled = False
@@ -308,8 +334,15 @@ class ChatService:
                         if not chunk.text:
                             continue
                         reply.parts.append(chunk.text)
-                        await self._save_progress(turn, reply)
+                        if reply.message_id is None:
+                            await self._save_progress(turn, reply)
+                            assert reply.message_id is not None
+                            yield ReplyStarted(reply.message_id)
+                        else:
+                            await self._save_progress(turn, reply)
                         yield TokenEvent(chunk.text)
+                        if reply.taken_over:
+                            break
                 finally:
                     await stream.aclose()  # type: ignore[attr-defined]
                 if reply.message_id is None:
@@ -318,12 +351,23 @@ class ChatService:
                         turn.conversation.id, "assistant", "", parent_id=turn.user_message.id
                     )
                     reply.message_id, reply.created_at = message.id, message.created_at
+                    yield ReplyStarted(reply.message_id)
                 await self._settle(turn, reply, "complete")
                 settled = True
             except CompanionError as error:
                 # Provider failure (502/504) or the database going away mid-reply (503).
                 settled = await self._settle_quietly(turn, reply, "error")
                 failure = ErrorEvent(error, reply.message_id, reply.text)
+            except asyncio.CancelledError:
+                if control is None or not control.stop_requested or reply.message_id is None:
+                    raise
+                # A stop request, not a hang-up: the reply ends here, as if the model had finished.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                reply.finish_reason = "stopped"
+                with anyio.CancelScope(shield=True):
+                    settled = await self._settle_quietly(turn, reply, "stopped")
             finally:
                 if not settled:
                     # Cancelled or closed (the client left): keep what the user already saw,
@@ -357,14 +401,25 @@ class ChatService:
             await self._flush(reply)
 
     async def _flush(self, reply: _Reply) -> None:
-        """Save the text generated so far as `streaming`, unless it is saved already or settled."""
+        """Save the text generated so far as `streaming` (which renews the heartbeat), unless it is
+        saved already or settled; with nothing new to save, beat once `heartbeat_seconds` passed."""
         async with reply.lock:
-            if reply.closed or reply.message_id is None or reply.saved_chars == len(reply.text):
+            if reply.closed or reply.message_id is None:
+                return
+            now = time.monotonic()
+            if reply.saved_chars == len(reply.text):
+                if now - reply.last_flush < self.limits.heartbeat_seconds:
+                    return
+                reply.last_flush = now
+                reply.taken_over = not await self._conversations.heartbeat(reply.message_id)
                 return
             text = reply.text
-            reply.last_flush = time.monotonic()  # before the write: a failing write waits one interval
-            await self._conversations.update_message(reply.message_id, text, status="streaming")
+            reply.last_flush = now  # before the write: a failing write waits one interval
+            updated = await self._conversations.update_message(
+                reply.message_id, text, status="streaming", only_streaming=True
+            )
             reply.saved_chars = len(text)
+            reply.taken_over = not updated
 
     async def _flush_while_stalled(self, reply: _Reply) -> None:
         """Tokens are saved as they arrive, but a model can stall after a burst: save what the user
@@ -394,19 +449,21 @@ class ChatService:
         if reply.message_id is None:
             return
         usage = reply.usage or Usage(0, len(reply.parts))
-        await self._conversations.update_message(
+        kept = await self._conversations.update_message(
             reply.message_id,
             reply.text,
             status=status,  # type: ignore[arg-type]
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
+            only_streaming=True,  # one that another instance settled meanwhile stays as it settled it
         )
         assert reply.created_at is not None
-        await self._context.remember(
-            turn.conversation.id,
-            BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
-            after=stamp(turn.user_message.created_at),
-        )
+        if kept:
+            await self._context.remember(
+                turn.conversation.id,
+                BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
+                after=stamp(turn.user_message.created_at),
+            )
         if self._quotas is not None and self._quotas.enabled:
             try:
                 await self._quotas.charge(turn.user_id, usage.total_tokens)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from companion.types import NonBlankLine, NonBlankText, PersonalityName
 
-MessageStatus = Literal["complete", "streaming", "incomplete", "error"]
+MessageStatus = Literal["complete", "streaming", "stopped", "incomplete", "error"]
 
 
 class ConversationCreate(BaseModel):

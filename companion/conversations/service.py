@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import builtins
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -236,14 +236,76 @@ class ConversationService:
         status: MessageStatus,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
-    ) -> None:
+        only_streaming: bool = False,
+    ) -> bool:
+        """Write a reply's text and status; a `streaming` write also renews its heartbeat. With
+        `only_streaming`, only a reply still streaming is changed, so that a reply another instance
+        has settled (its run was thought dead) is never brought back. True if the row changed."""
         values: dict[str, object] = {"content": content, "status": status}
+        if status == "streaming":
+            values["heartbeat_at"] = self._clock()
         if prompt_tokens is not None:
             values["prompt_tokens"] = prompt_tokens
         if completion_tokens is not None:
             values["completion_tokens"] = completion_tokens
+        query = update(Message).where(Message.id == message_id)
+        if only_streaming:
+            query = query.where(Message.status == "streaming")
         async with self._db.session() as session:
-            await session.execute(update(Message).where(Message.id == message_id).values(**values))
+            result = await session.execute(query.values(**values))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def heartbeat(self, message_id: int) -> bool:
+        """Show that a streaming reply's run is alive. False if the reply is no longer streaming."""
+        async with self._db.session() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.id == message_id, Message.status == "streaming")
+                .values(heartbeat_at=self._clock())
+            )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def get_reply(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
+        """An assistant message of one of the user's conversations; NotFound otherwise (another
+        user's reply is indistinguishable from one that does not exist)."""
+        async with self._db.session() as session:
+            row = (
+                await session.execute(
+                    select(Message)
+                    .join(Conversation, Conversation.id == Message.conversation_id)
+                    .where(
+                        Message.id == message_id,
+                        Message.conversation_id == conversation_id,
+                        Message.role == "assistant",
+                        Conversation.user_id == user_id,
+                    )
+                )
+            ).scalar_one_or_none()
+        if row is None:
+            raise NotFound("No such reply in this conversation.", code="message_not_found")
+        return _message_out(row)
+
+    async def message(self, message_id: int) -> MessageOut | None:
+        async with self._db.session() as session:
+            row = await session.get(Message, message_id)
+        return _message_out(row) if row is not None else None
+
+    async def user_message_before(self, conversation_id: uuid.UUID, message_id: int) -> int | None:
+        """The id of the user's message a reply answers: its parent (with branches, the newest user
+        message before it may be on another branch)."""
+        async with self._db.session() as session:
+            parent = await session.scalar(
+                select(Message.parent_id).where(Message.id == message_id, Message.conversation_id == conversation_id)
+            )
+            if parent is not None:
+                return int(parent)
+            found = await session.scalar(
+                select(Message.id)
+                .where(Message.conversation_id == conversation_id, Message.id < message_id, Message.role == "user")
+                .order_by(Message.id.desc())
+                .limit(1)
+            )
+        return int(found) if found is not None else None
 
     async def list_messages(
         self,
@@ -315,7 +377,7 @@ class ConversationService:
             rows = (await session.execute(select(Message).where(Message.id.in_(ids)).order_by(Message.id))).scalars()
             return [_message_out(r) for r in rows]
 
-    async def message(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
+    async def owned_message(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
         """One message of the user's conversation. Raises NotFound."""
         async with self._db.session() as session:
             row = (
@@ -336,7 +398,7 @@ class ConversationService:
     async def switch(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> int:
         """Make the branch through `message_id` the active path: the head becomes the newest leaf
         below it. Returns the new head. Raises NotFound."""
-        await self.message(user_id, conversation_id, message_id)
+        await self.owned_message(user_id, conversation_id, message_id)
         async with self._db.session() as session:
             head = tree.newest_leaf(await tree.children_of(session, conversation_id), message_id)
             await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(head_id=head))
@@ -346,9 +408,9 @@ class ConversationService:
         """Make the user message `message_id` (or the one a reply `message_id` answers) the end of the
         active path, so that a new reply to it becomes an alternative to the ones it has. Returns
         that user message. Raises NotFound, InvalidInput."""
-        found = await self.message(user_id, conversation_id, message_id)
+        found = await self.owned_message(user_id, conversation_id, message_id)
         if found.role == "assistant" and found.parent_id is not None:
-            found = await self.message(user_id, conversation_id, found.parent_id)
+            found = await self.owned_message(user_id, conversation_id, found.parent_id)
         if found.role != "user":
             raise InvalidInput(
                 "Only a reply to one of your messages can be regenerated (not a greeting).",
@@ -378,13 +440,31 @@ class ConversationService:
         async with self._db.session() as session:
             return await transfer.import_(session, user_id, conversations)
 
-    async def recover_interrupted(self, older_than: datetime) -> int:
-        """Mark replies left 'streaming' by a crash as 'incomplete'. Run at start-up; only rows
-        started before `older_than`, so that other instances' live streams are left alone."""
+    async def settle_stale(self, older_than: datetime, *, skip: Collection[int] = ()) -> builtins.list[MessageOut]:
+        """Mark `incomplete` the replies still `streaming` whose run has shown no sign of life since
+        `older_than` (heartbeat, or creation if it never beat): their instance died. The text saved
+        so far is kept. `skip`: replies this instance is running itself. Returns the settled ones."""
+        alive_at = func.coalesce(Message.heartbeat_at, Message.created_at)
         async with self._db.session() as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.status == "streaming", Message.created_at < older_than)
-                .values(status="incomplete")
+            candidates = list(
+                (
+                    await session.execute(
+                        select(Message.id).where(Message.status == "streaming", alive_at < older_than).limit(500)
+                    )
+                ).scalars()
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        settled: builtins.list[MessageOut] = []
+        for message_id in candidates:
+            if message_id in skip:
+                continue
+            async with self._db.session() as session:
+                # Checked again in the update: its run may have beaten (or settled it) meanwhile.
+                result = await session.execute(
+                    update(Message)
+                    .where(Message.id == message_id, Message.status == "streaming", alive_at < older_than)
+                    .values(status="incomplete")
+                )
+                row = await session.get(Message, message_id) if result.rowcount else None  # type: ignore[attr-defined]
+                if row is not None:
+                    settled.append(_message_out(row))
+        return settled

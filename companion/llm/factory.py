@@ -21,11 +21,19 @@ def build_provider(settings: Settings) -> LLMProvider:
             timeout_seconds=settings.llm_timeout_seconds,
             max_retries=settings.llm_max_retries,
         )
-    from companion.llm.local import LlamaCppProvider
+    from companion.llm.local import DEFAULT_MODEL, LlamaCppProvider
 
+    path = settings.llm_model_path
+    # Another GGUF file is named after itself unless LLM_MODEL says otherwise.
+    model = settings.llm_model if "llm_model" in settings.model_fields_set or path is None else path.stem
     return LlamaCppProvider(
-        model_path=settings.llm_model_path,
+        model_path=path,
+        model=model or DEFAULT_MODEL,
         threads=settings.llm_threads,
         batch_threads=settings.llm_batch_threads,
         context_size=settings.llm_context_size,
+        parallel=settings.llm_parallel or None,
+        queue_size=settings.llm_queue_size,
+        queue_wait_seconds=settings.llm_queue_wait_seconds,
+        token_timeout_seconds=settings.llm_timeout_seconds,
     )

@@ -76,7 +76,9 @@ def _set_cookie(response: Response, services: Services, token: str) -> None:
     )
 
 
-def _signed_in(response: Response, services: Services, token: str, user_id: uuid.UUID, session_id: str) -> WebSession:
+def _signed_in(
+    response: Response, services: Services, token: str, user_id: uuid.UUID, session_id: str
+) -> WebSession:
     """Set (or renew) the session cookie; the page's view of its session, with the CSRF token."""
     _set_cookie(response, services, token)
     return WebSession(

@@ -4,6 +4,7 @@ appends that never leave a gap, duplicate or reordering, misses that say "rebuil
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 from companion.cache import keys
@@ -63,14 +64,30 @@ async def test_conversations_are_independent_and_drop_removes_one(buffer: Conver
     assert [m.id for m in await buffer.recent(b, MAX) or []] == [2]
 
 
-async def test_concurrent_appends_never_exceed_n(buffer: ConversationBuffer) -> None:
+async def test_concurrent_appends_keep_the_newest_n_or_drop_the_buffer(buffer: ConversationBuffer) -> None:
+    """Appends sent concurrently may reach Redis in any order (each on its own connection). Either
+    all arrived in order and the buffer is exactly the newest N, or one arrived late, dropped the
+    buffer and made every later append a miss: a miss, never a gap, a duplicate or more than N."""
     conversation = uuid.uuid4()
     await buffer.replace(conversation, [msg(0)])
-    await asyncio.gather(*(buffer.append(conversation, msg(i)) for i in range(1, 40)))
+    added = await asyncio.gather(*(buffer.append(conversation, msg(i)) for i in range(1, 40)))
     recent = await buffer.recent(conversation, 100)
-    if recent is not None:  # an out-of-order arrival may have dropped it: a miss, never a gap
-        ids = [m.id for m in recent]
-        assert len(ids) <= MAX and ids == sorted(ids) and len(set(ids)) == len(ids)
+    expected = list(range(40 - MAX, 40)) if all(added) else None
+    assert ([m.id for m in recent] if recent is not None else None) == expected, (added, recent)
+
+
+async def test_concurrent_appends_out_of_order_drop_the_buffer_instead_of_leaving_a_gap(
+    buffer: ConversationBuffer,
+) -> None:
+    """Appends racing in a shuffled order: the first that arrives after a newer one drops the
+    buffer, so the next read is a miss (rebuilt from the database), never a gap or a reordering."""
+    conversation = uuid.uuid4()
+    await buffer.replace(conversation, [msg(0)])
+    order = list(range(1, 40))
+    random.Random(18).shuffle(order)
+    added = await asyncio.gather(*(buffer.append(conversation, msg(i)) for i in order))
+    assert await buffer.recent(conversation, 100) is None
+    assert not all(added), "an append that arrived out of order said it was kept"
 
 
 async def test_redis_list_is_bounded_and_always_has_a_ttl(redis_backend: RedisBackend) -> None:

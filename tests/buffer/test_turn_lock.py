@@ -15,6 +15,7 @@ from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
 from companion.errors import Conflict
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import backend_on
 
 
 @pytest.fixture
@@ -28,13 +29,37 @@ async def backends(buffer_redis: RedisServer) -> AsyncIterator[tuple[RedisBacken
     buffer_redis.start()
 
 
-@pytest.fixture(params=["local", "redis-two-instances"])
+async def _two_on(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    first, second = backend_on(kind, request), backend_on(kind, request)
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+
+
+@pytest.fixture
+async def cluster_backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two clients on the private Redis Cluster, as two service instances would have."""
+    async for pair in _two_on("cluster", request):
+        yield pair
+
+
+@pytest.fixture
+async def sentinel_backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two clients on the private Sentinel set's primary."""
+    async for pair in _two_on("sentinel", request):
+        yield pair
+
+
+@pytest.fixture(params=["local", "redis-two-instances", "cluster-two-instances", "sentinel-two-instances"])
 def locks(request: pytest.FixtureRequest) -> tuple[TurnLock, TurnLock]:
     """Two lock objects that must exclude each other."""
     if request.param == "local":
         lock = LocalTurnLock(wait_seconds=0.3)
         return lock, lock
-    first, second = request.getfixturevalue("backends")
+    if request.param == "redis-two-instances":
+        first, second = request.getfixturevalue("backends")
+    else:
+        first, second = request.getfixturevalue(f"{request.param.split('-')[0]}_backends")
     return (
         RedisTurnLock(first, wait_seconds=0.3, lease_seconds=5, poll_seconds=0.005),
         RedisTurnLock(second, wait_seconds=0.3, lease_seconds=5, poll_seconds=0.005),
@@ -80,21 +105,30 @@ async def test_a_wait_that_runs_out_is_a_409_conflict(locks: tuple[TurnLock, Tur
 
 
 async def test_redis_lease_is_renewed_while_the_turn_runs(backends: tuple[RedisBackend, RedisBackend]) -> None:
-    holder = RedisTurnLock(backends[0], wait_seconds=0.2, lease_seconds=0.3, poll_seconds=0.005)
-    other = RedisTurnLock(backends[1], wait_seconds=0.05, lease_seconds=0.3, poll_seconds=0.005)
+    """Without renewal a lease only ever counts down; renewal shows as its TTL going back up, and the
+    lease outliving its first expiry. (The lease is a second long, renewed every third of it, so a
+    loaded machine that delays one renewal by a few hundred ms does not lose it.)"""
+    lease = 1.0
+    holder = RedisTurnLock(backends[0], wait_seconds=0.2, lease_seconds=lease, poll_seconds=0.005)
+    other = RedisTurnLock(backends[1], wait_seconds=0.05, lease_seconds=lease, poll_seconds=0.005)
     conversation = uuid.uuid4()
     key = keys.conversation_lock(conversation)
+    loop = asyncio.get_running_loop()
     async with holder.hold(conversation):
-        renewed = 0
+        acquired = loop.time()
+        ttls: list[int] = []
+        renewals = 0
 
-        async def renewed_twice() -> bool:
-            nonlocal renewed
+        async def renewed_past_its_first_expiry() -> bool:
+            nonlocal renewals
             ttl = await backends[0].client.pttl(key)
-            if ttl > 250:
-                renewed += 1
-            return renewed >= 3
+            assert ttl > 0, f"the lease is gone while its turn still runs (ttl {ttl})"
+            if ttls and ttl > ttls[-1]:
+                renewals += 1
+            ttls.append(ttl)
+            return renewals >= 2 and loop.time() - acquired > 1.5 * lease
 
-        await wait_for(renewed_twice, timeout=3, what="the lease to be renewed past its first expiry")
+        await wait_for(renewed_past_its_first_expiry, timeout=10, what="the lease to be renewed past its first expiry")
         with pytest.raises(Conflict):
             async with other.hold(conversation):
                 pass

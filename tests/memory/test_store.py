@@ -122,7 +122,9 @@ async def test_a_change_made_through_another_store_is_seen_at_once(
 
 async def test_fields_round_trip(store: SqlVectorStore, alice: uuid.UUID, services: Services) -> None:
     conversation = await services.conversations.create(alice, "elara")
-    kept = await store.add(alice, memory("likes tea", 1, conversation_id=conversation.id, source_message_id=42), T0)
+    kept = await store.add(
+        alice, memory("likes tea", 1, conversation_id=conversation.id, source_message_id=42), T0
+    )
     (listed,) = await store.list(alice, limit=5)
     assert listed == kept
     assert (listed.conversation_id, listed.source_message_id, listed.created_at) == (conversation.id, 42, T0)
@@ -182,9 +184,7 @@ async def test_a_change_from_elsewhere_is_not_patched_in_but_reloaded(
     assert store.loads == 2
 
 
-async def test_concurrent_searches_on_a_cold_cache_load_the_matrix_once(
-    store: SqlVectorStore, alice: uuid.UUID
-) -> None:
+async def test_concurrent_searches_on_a_cold_cache_load_the_matrix_once(store: SqlVectorStore, alice: uuid.UUID) -> None:
     for i in range(20):
         await store.add(alice, memory(f"m{i}", i), T0)
     cold = SqlVectorStore(store._db, model_id="test-model", dimensions=DIMS)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from companion.app import create_app
 from companion.cache import keys
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import QueueingConnectionPool, RedisBackend, make_client
 from companion.config import Settings
 from companion.llm.scripted import ScriptedProvider
 from companion.ratelimit.limiter import Limit, RedisRateLimiter
@@ -37,11 +38,37 @@ from tests.support.live import LiveServer
 
 LIMIT = 20
 REQUESTS = 200
-# More Redis connections than requests in flight on one instance. redis.asyncio's default pool
-# (what `make_client` builds) raises MaxConnectionsError instead of waiting once REDIS_MAX_CONNECTIONS
-# (default 64) are busy; the limiter then sees Redis as unavailable and falls back to each
-# instance's own memory, which is not shared. See the report on companion.cache.redis.make_client.
-POOL = REQUESTS + 16
+# The real pool size (REDIS_MAX_CONNECTIONS' default, 64), never raised: 100 concurrent requests per
+# instance or client are more than it holds, and the pool makes a caller wait for a free connection
+# instead of failing (docs/rate-limits.md), so the decisions stay exact and shared. A caller waits
+# at most REDIS_CONNECT_TIMEOUT_MS for a connection and then falls back to its instance's own limiter;
+# at the default 250 ms, a burst served by one event loop on a loaded two-core machine (3.8 s for the
+# 200 requests) saw waits run past it (40 admitted instead of 20), so these tests allow 5 s.
+POOL = Settings.model_fields["redis_max_connections"].default
+WAIT_MS = 5_000
+assert REQUESTS // 2 > POOL, "the burst must saturate each pool"
+
+
+@dataclass
+class PoolWatch:
+    """How many callers found every connection of a pool busy and had to wait for one."""
+
+    waited: int = 0
+
+
+def watch_pool(client: aioredis.Redis, size: int) -> PoolWatch:
+    pool = client.connection_pool
+    assert isinstance(pool, QueueingConnectionPool) and pool.max_connections == size
+    watch = PoolWatch()
+    get_connection = pool.get_connection
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        if pool._slots.locked():
+            watch.waited += 1
+        return await get_connection(*args, **kwargs)
+
+    pool.get_connection = counting  # type: ignore[method-assign]
+    return watch
 
 
 class StartGate:
@@ -95,7 +122,7 @@ async def test_two_instances_admit_exactly_the_limit(database_url: str, tmp_path
         redis_url=redis_url,
         rate_limit_enabled=True,
         rate_limit_requests_per_minute=LIMIT,
-        redis_max_connections=POOL,
+        redis_connect_timeout_ms=WAIT_MS,
     )
     gate = GateState(expected=REQUESTS)
     async with gated_instances(settings, gate) as servers:
@@ -105,11 +132,11 @@ async def test_two_instances_admit_exactly_the_limit(database_url: str, tmp_path
         # instances; no request is spent doing so.
         for each in services:
             assert await each.users.authenticate(created.api_key) == created.id
-        # ... and open the Redis connections the burst will use (a new connection's handshake would
+        # ... and open all of the pool's Redis connections (a new connection's handshake would
         # otherwise be part of each first decision).
         for each in services:
-            assert each.redis is not None
-            await asyncio.gather(*(each.redis.client.ping() for _ in range(REQUESTS // 2 + 8)))
+            assert each.redis is not None and each.redis.client.connection_pool.max_connections == POOL
+            await asyncio.gather(*(each.redis.client.ping() for _ in range(POOL)))
         pool = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
         headers = {"Authorization": f"Bearer {created.api_key}"}
         async with (
@@ -137,8 +164,9 @@ async def test_two_instances_admit_exactly_the_limit(database_url: str, tmp_path
 
 
 async def test_two_redis_clients_admit_exactly_the_limit(redis_url: str):
-    first = RedisBackend(make_client(redis_url, max_connections=POOL))
-    second = RedisBackend(make_client(redis_url, max_connections=POOL))
+    first = RedisBackend(make_client(redis_url, connect_timeout_ms=WAIT_MS))
+    second = RedisBackend(make_client(redis_url, connect_timeout_ms=WAIT_MS))
+    watches = [watch_pool(first.client, POOL), watch_pool(second.client, POOL)]
     raw = aioredis.Redis.from_url(redis_url)
     limit = Limit("user", LIMIT, 60)
     key = keys.rate_limit(limit.name, str(uuid.uuid4()))
@@ -149,6 +177,7 @@ async def test_two_redis_clients_admit_exactly_the_limit(redis_url: str):
         assert sorted(d.remaining for d in decisions if d.allowed) == list(range(LIMIT))
         assert all(d.remaining == 0 and d.retry_after_seconds > 0 for d in decisions if not d.allowed)
         assert await raw.pttl(key) > 0
+        assert all(w.waited > 0 for w in watches), f"pools never saturated: {watches}"
     finally:
         await first.aclose()
         await second.aclose()
@@ -158,14 +187,16 @@ async def test_two_redis_clients_admit_exactly_the_limit(redis_url: str):
 @pytest.mark.parametrize("cost", [2, 7])
 async def test_exactness_holds_for_costs_above_one(redis_url: str, cost: int):
     """Concurrent hits of `cost` units never admit more units than the limit."""
-    first = RedisBackend(make_client(redis_url, max_connections=POOL))
-    second = RedisBackend(make_client(redis_url, max_connections=POOL))
+    first = RedisBackend(make_client(redis_url, connect_timeout_ms=WAIT_MS))
+    second = RedisBackend(make_client(redis_url, connect_timeout_ms=WAIT_MS))
+    watches = [watch_pool(first.client, POOL), watch_pool(second.client, POOL)]
     limit = Limit("user", LIMIT, 60)
     key = keys.rate_limit(limit.name, str(uuid.uuid4()))
     try:
         limiters = [RedisRateLimiter(first), RedisRateLimiter(second)]
         decisions = await asyncio.gather(*(limiters[i % 2].hit(key, limit, cost) for i in range(REQUESTS)))
         assert sum(d.allowed for d in decisions) == LIMIT // cost
+        assert all(w.waited > 0 for w in watches), f"pools never saturated: {watches}"
     finally:
         await first.aclose()
         await second.aclose()

@@ -12,6 +12,7 @@ const state = {
   draft: null, // the personality chosen for a conversation not created yet
   oldestMessageId: null,
   streaming: false,
+  reply: null, // the reply streaming now: {conversationId, messageId, lastId, ended}
   editing: null, // name of the personality being edited
   promptTokens: 0, // the newest reply's prompt size: how full the context is
 };
@@ -80,7 +81,7 @@ const api = {
   delete: (path) => request("DELETE", path),
 };
 
-// Server-Sent Events from a fetch response: yields {event, data} as each event completes.
+// Server-Sent Events from a fetch response: yields {event, data, id} as each event completes.
 async function* readEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -93,12 +94,14 @@ async function* readEvents(body) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       let event = "message";
+      let id = null;
       const data = [];
       for (const line of block.split("\n")) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("id:")) id = line.slice(3).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
       }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")), id };
     }
   }
 }
@@ -491,6 +494,7 @@ async function deleteConversation(c) {
 // --- messages --------------------------------------------------------------------------------------
 
 const STATUS_NOTES = {
+  stopped: "Stopped.",
   incomplete: "The reply stopped early.",
   error: "The model failed while answering.",
 };
@@ -654,6 +658,13 @@ function hasGreeting(name) {
   return Boolean(found && found.card && (found.card.data.first_mes || (found.card.data.alternate_greetings || []).length));
 }
 
+function settleItem(item, status) {
+  item.dataset.status = status;
+  if (STATUS_NOTES[status] && !item.querySelector(".status-note")) {
+    item.querySelector(".bubble").append(el("p", { className: "status-note", text: STATUS_NOTES[status] }));
+  }
+}
+
 function scrollToEnd() {
   const thread = $("thread");
   thread.scrollTop = thread.scrollHeight;
@@ -670,6 +681,22 @@ async function loadMessages() {
   $("thread-empty").textContent = `Say hello to ${displayName(state.conversation.personality)}.`;
   $("thread-empty").hidden = page.data.length > 0;
   scrollToEnd();
+  const last = page.data[page.data.length - 1];
+  if (last && last.role === "assistant" && last.status === "streaming" && !state.streaming) {
+    // Still being generated (the page was reloaded, or opened elsewhere): follow it from the text
+    // shown. Event ids count characters (code points), as Array.from does.
+    const item = $("messages").lastElementChild;
+    const progress = {
+      conversationId: state.conversation.id,
+      messageId: last.id,
+      lastId: String(Array.from(last.content).length),
+      ended: false,
+    };
+    setStreaming(true, progress);
+    resumeReply(item, progress)
+      .catch(showError)
+      .finally(() => setStreaming(false));
+  }
 }
 
 async function loadEarlier() {
@@ -680,10 +707,24 @@ async function loadEarlier() {
   $("load-earlier").hidden = !page.has_more;
 }
 
-function setStreaming(on) {
+function setStreaming(on, reply = null) {
   state.streaming = on;
+  state.reply = on ? reply : null;
   $("send").disabled = on;
   $("composer").classList.toggle("busy", on);
+  $("stop").hidden = !(on && reply && reply.messageId !== null);
+}
+
+async function stopReply() {
+  const reply = state.reply;
+  if (!reply || reply.messageId === null) return;
+  $("stop").disabled = true;
+  try {
+    // The stream then ends by itself with the reply's final state.
+    await api.post(`/v1/conversations/${reply.conversationId}/messages/${reply.messageId}/stop`);
+  } finally {
+    $("stop").disabled = false;
+  }
 }
 
 function titleFrom(content) {
@@ -719,7 +760,6 @@ async function sendMessage() {
 
 async function streamReply(conversationId, content, path = null, body = { content }) {
   const reply = messageItem("assistant", "", "streaming");
-  const text = reply.querySelector(".text");
   $("messages").append(reply);
   scrollToEnd();
   let response;
@@ -740,25 +780,72 @@ async function streamReply(conversationId, content, path = null, body = { conten
     else await loadMessages().catch(() => {}); // shows what the server kept (the message may be stored)
     throw error;
   }
+  const progress = { conversationId, messageId: null, lastId: null, ended: false };
+  setStreaming(true, progress);
   try {
-    for await (const { event, data } of readEvents(response.body)) {
-      if (event === "token") {
-        text.textContent += data.text;
-        scrollToEnd();
-      } else if (event === "done") {
-        text.textContent = data.content;
-        reply.dataset.status = "complete";
-      } else if (event === "error") {
-        reply.dataset.status = "error";
-        reply.querySelector(".bubble").append(el("p", { className: "status-note", text: STATUS_NOTES.error }));
-        showError(data.error.message);
-      }
-    }
+    await readReply(reply, response, progress);
   } catch {
-    reply.dataset.status = "incomplete";
-    throw new ApiError(0, "The connection dropped mid-reply; what arrived so far was saved.", "network");
+    // The connection dropped; the reply goes on on the server: pick it up below.
   }
-  if (reply.dataset.status === "streaming") reply.dataset.status = "incomplete";
+  if (!progress.ended) await resumeReply(reply, progress);
+}
+
+// Read a reply's events into its item; `progress` remembers the last event id, to resume after it.
+async function readReply(reply, response, progress) {
+  const text = reply.querySelector(".text");
+  for await (const { event, data, id } of readEvents(response.body)) {
+    if (id !== null) progress.lastId = id;
+    if (event === "message") {
+      progress.messageId = data.message_id;
+      setStreaming(true, progress); // the Stop button needs the reply's id
+    } else if (event === "token") {
+      text.textContent += data.text;
+      scrollToEnd();
+    } else if (event === "done") {
+      progress.ended = true;
+      text.textContent = data.content;
+      settleItem(reply, data.finish_reason === "stopped" ? "stopped" : "complete");
+    } else if (event === "error") {
+      progress.ended = true;
+      const interrupted = data.error.code === "reply_interrupted";
+      // Its server died: show the text kept (a little of what arrived may not have been saved).
+      if (interrupted && typeof data.content === "string") text.textContent = data.content;
+      settleItem(reply, interrupted ? "incomplete" : "error");
+      if (!interrupted) showError(data.error.message);
+    }
+  }
+}
+
+// Resume a reply after a lost connection or a reload: the server replays what came after the last
+// event received (Last-Event-ID) and follows the rest live, so no text is shown twice.
+async function resumeReply(reply, progress) {
+  const url = `/v1/conversations/${progress.conversationId}/messages/${progress.messageId}/stream`;
+  for (let attempt = 0; attempt < 6 && !progress.ended && progress.messageId !== null; attempt++) {
+    if (attempt) await new Promise((resolve) => setTimeout(resolve, 500 * attempt));
+    const headers = { Accept: "text/event-stream" };
+    if (progress.lastId !== null) headers["Last-Event-ID"] = progress.lastId;
+    let response;
+    try {
+      response = await fetch(url, { headers, credentials: "same-origin" });
+    } catch {
+      continue;
+    }
+    if (response.status === 401) {
+      signedOut("Your session has ended; sign in again.");
+      return;
+    }
+    if (response.status === 404) break;
+    if (!response.ok) continue;
+    try {
+      await readReply(reply, response, progress);
+    } catch {
+      // dropped again: try again
+    }
+  }
+  if (!progress.ended) {
+    settleItem(reply, "incomplete");
+    throw new ApiError(0, "The connection dropped mid-reply; reload the page to see the rest of it.", "network");
+  }
 }
 
 function resizeComposer() {
@@ -856,6 +943,7 @@ function wire() {
     );
   }
   $("composer").addEventListener("submit", guarded(sendMessage));
+  $("stop").addEventListener("click", guarded(stopReply));
   $("message").addEventListener("input", resizeComposer);
   $("message").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
