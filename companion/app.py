@@ -13,8 +13,10 @@ from companion import __version__
 from companion.api import (
     admission,
     api_keys,
+    branches,
     conversations,
     health,
+    interchange,
     memories,
     metrics,
     openai_compat,
@@ -57,12 +59,15 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, larger=interchange.UPLOAD_LIMITS)
     app.add_middleware(RateLimitMiddleware)
     app.add_middleware(admission.AdmissionMiddleware)  # outermost: a busy worker refuses before any work
+    # interchange and branches before conversations: /v1/conversations/export is not a conversation id.
     for module in (
         health,
         metrics,
+        interchange,
+        branches,
         personalities,
         preferences,
         conversations,

@@ -15,30 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import anyio
 
 from companion.cache.backend import CacheUnavailable
 from companion.chat.context import ContextAssembler
-from companion.chat.prompt import build_prompt
+from companion.chat.prompt import Remembered, build_prompt, user_name
 from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
-from companion.conversations.service import ConversationService
+from companion.conversations.service import HEAD, AtHead, ConversationService
 from companion.conversations.turns import LocalTurnLock, TurnLock
 from companion.errors import CompanionError, InvalidInput, ServiceUnavailable
+from companion.interchange import cards
+from companion.interchange.cards import fill_user
 from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage, estimate_tokens
-from companion.memory.store import MemoryOut
+from companion.personalities.schemas import PersonalityOut
 from companion.preferences.schemas import Preferences
 from companion.ratelimit.quotas import TokenQuotas
 from companion.types import check_text
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class ChatLimits:
     flush_interval_seconds: float = 0.25
     memory_tokens: int = 200
     heartbeat_seconds: float = 2.0
+
+
+NOTHING_BEFORE = "nothing"
 
 
 async def _nothing() -> None:
@@ -185,8 +193,11 @@ class ChatService:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        parent_id: int | AtHead | None = HEAD,
     ) -> Turn:
         """Validate, take the conversation's turn, store the user's message and build the prompt.
+        The message follows `parent_id` (default: the end of the active path; an edit passes the
+        edited message's parent, which starts a new branch).
 
         Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
         reply is still streaming here and did not finish in time), RateLimited (429: token quota
@@ -195,23 +206,17 @@ class ChatService:
         """
         content = self.check_message(content)
         personality, preferences = await self._context.profile(user_id, conversation)
-        params = GenerationParams(
-            max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
-            temperature=self.limits.temperature if temperature is None else temperature,
-            repeat_penalty=self.limits.repeat_penalty,
-        )
-        token_budget = self.limits.context_tokens - params.max_tokens
-        # The worst case (the whole prompt budget, then max_tokens), before anything is stored:
-        # concurrent replies see each other's reservations. Trued up below and when it settles.
-        reserved = await self._reserve(user_id, token_budget + params.max_tokens)
+        # The worst case (the whole context), before anything is stored: concurrent replies see each
+        # other's reservations. Trued up to the real prompt below, to the real usage when it settles.
+        reserved = await self._reserve(user_id, self.limits.context_tokens)
         held = contextlib.AsyncExitStack()
         try:
             await held.enter_async_context(self._turns.hold(conversation.id))
             # Read again now that the turn is ours, in the transaction that stores the message: the
-            # conversation's `updated_at` is when its last message was stored, which the buffer must
-            # end with (see ContextAssembler.history); the memory generation keys the recall.
+            # time of the message it follows is what the buffer must end with (see
+            # ContextAssembler.history); the memory generation keys the recall.
             user_message, previous_at, generation = await self._conversations.add_turn_message(
-                user_id, conversation.id, content
+                user_id, conversation.id, content, parent_id=parent_id
             )
         except BaseException:
             await held.aclose()
@@ -221,65 +226,116 @@ class ChatService:
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
-            history, summary, memories = await self._read_context(
-                user_id, conversation, newest, previous_at, preferences, generation
+            # A message that follows nothing (the first, or an edit of the first) must not extend any
+            # buffer: no buffered message is stamped NOTHING_BEFORE, so one that exists is rebuilt.
+            after = stamp(previous_at) if previous_at is not None else NOTHING_BEFORE
+            history = await _or_without(self._context.history(conversation.id, newest, after=after), [newest])
+            if not isinstance(parent_id, AtHead):  # an edit: a new branch
+                await _or_without(self._context.path_changed(conversation.id), None)
+            summary = await _or_without(self._context.summary(conversation.id), None)
+            memories = await _or_without(
+                self._context.recall(user_id, preferences, content, generation=generation), []
             )
-            prompt = build_prompt(
-                personality,
-                preferences,
-                history,
-                token_budget=token_budget,
-                summary=summary,
-                memories=memories,
-                memory_budget=self.limits.memory_tokens,
-                now=user_message.created_at,
-            )
-            prompt_tokens = sum(estimate_tokens(message.content) for message in prompt)
-            # Charge the real prompt now, generation's maximum stays reserved until it settles.
-            if reserved:
-                await self._true_up(user_id, prompt_tokens + params.max_tokens - reserved)
-                reserved = prompt_tokens + params.max_tokens
         except BaseException:
             await held.aclose()
             raise
-        return Turn(
+        turn = self._turn(
             user_id,
             conversation,
             user_message,
-            prompt,
-            params,
-            held.aclose,
-            len(history),
+            personality,
+            preferences,
+            history,
+            summary,
+            memories,
+            held,
+            max_tokens=max_tokens,
+            temperature=temperature,
             learn=preferences.memory_enabled,
-            prompt_tokens=prompt_tokens,
-            reserved_tokens=reserved,
         )
+        return await self._charge_prompt(turn, reserved)
 
-    async def _read_context(
+    async def regenerate(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> Turn:
+        """A turn that answers an existing user message again (`message_id`: it, or a reply to it):
+        the new reply becomes an alternative to the earlier ones and the active one. Raises as
+        `begin` does, and InvalidInput for a greeting."""
+        personality, preferences = await self._context.profile(user_id, conversation)
+        reserved = await self._reserve(user_id, self.limits.context_tokens)
+        held = contextlib.AsyncExitStack()
+        try:
+            await held.enter_async_context(self._turns.hold(conversation.id))
+            user_message = await self._conversations.rewind(user_id, conversation.id, message_id)
+            history = await self._context.rebuild(conversation.id)
+            summary = await self._context.summary(conversation.id)
+            memories = await self._context.recall(user_id, preferences, user_message.content)
+        except BaseException:
+            await held.aclose()
+            await self._give_back(user_id, reserved)
+            raise
+        turn = self._turn(
+            user_id, conversation, user_message, personality, preferences, history, summary, memories, held, learn=False
+        )
+        return await self._charge_prompt(turn, reserved)
+
+    async def switch(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> int:
+        """Make the branch through `message_id` the active one (between turns) and rebuild the
+        buffer from it. Returns the new end of the active path."""
+        async with self._turns.hold(conversation.id):
+            head = await self._conversations.switch(user_id, conversation.id, message_id)
+            await self._context.rebuild(conversation.id)
+        return head
+
+    async def open_conversation(
+        self, user_id: uuid.UUID, personality: PersonalityOut, title: str | None = None
+    ) -> ConversationOut:
+        """A new conversation; a character card's greetings open it (`{{user}}` filled in)."""
+        greetings: list[str] = []
+        if personality.card is not None:
+            preferences = await self._context.preferences(user_id)
+            greetings = [fill_user(text, user_name(preferences)) for text in cards.greetings(personality.card.data)]
+        return await self._conversations.create(user_id, personality.name, title, greetings=greetings)
+
+    def _turn(
         self,
         user_id: uuid.UUID,
         conversation: ConversationOut,
-        newest: BufferedMessage,
-        previous_at: datetime,
+        user_message: MessageOut,
+        personality: PersonalityOut,
         preferences: Preferences,
-        generation: int,
-    ) -> tuple[list[BufferedMessage], str | None, list[MemoryOut]]:
-        """History, summary and memories for the prompt. The message is stored already, so a read
-        that fails (the database going away) leaves that part out rather than the turn unanswered."""
-        try:
-            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
-        except ServiceUnavailable:
-            logger.warning("answering conversation %s without its history: unreadable", conversation.id)
-            history = [newest]
-        try:
-            summary = await self._context.summary(conversation.id)
-        except ServiceUnavailable:
-            summary = None
-        try:
-            memories = await self._context.recall(user_id, preferences, newest.content, generation=generation)
-        except ServiceUnavailable:
-            memories = []
-        return history, summary, memories
+        history: list[BufferedMessage],
+        summary: str | None,
+        memories: Sequence[Remembered | str],
+        held: contextlib.AsyncExitStack,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        learn: bool,
+    ) -> Turn:
+        params = GenerationParams(
+            max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
+            temperature=self.limits.temperature if temperature is None else temperature,
+            repeat_penalty=self.limits.repeat_penalty,
+        )
+        prompt = build_prompt(
+            personality,
+            preferences,
+            history,
+            token_budget=self.limits.context_tokens - params.max_tokens,
+            summary=summary,
+            memories=memories,
+            memory_budget=self.limits.memory_tokens,
+            now=user_message.created_at,
+        )
+        return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history), learn=learn)
+
+    async def _charge_prompt(self, turn: Turn, reserved: int) -> Turn:
+        """True the turn's reservation up to its real prompt: the prompt is charged when generation
+        starts, generation's maximum stays reserved until the reply settles."""
+        prompt_tokens = sum(estimate_tokens(message.content) for message in turn.prompt)
+        if reserved:
+            await self._true_up(turn.user_id, prompt_tokens + turn.params.max_tokens - reserved)
+            reserved = prompt_tokens + turn.params.max_tokens
+        return dataclasses.replace(turn, prompt_tokens=prompt_tokens, reserved_tokens=reserved)
 
     async def _reserve(self, user_id: uuid.UUID, tokens: int) -> int:
         """Reserve `tokens` of the user's quota (429 when used up); what was reserved (0: no quotas)."""
@@ -338,7 +394,9 @@ class ChatService:
                     await stream.aclose()  # type: ignore[attr-defined]
                 if reply.message_id is None:
                     # A model may legitimately say nothing; record that the turn was answered.
-                    message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
+                    message = await self._conversations.add_message(
+                        turn.conversation.id, "assistant", "", parent_id=turn.user_message.id
+                    )
                     reply.message_id, reply.created_at = message.id, message.created_at
                     yield ReplyStarted(reply.message_id)
                 await self._settle(turn, reply, "complete")
@@ -385,7 +443,7 @@ class ChatService:
     async def _save_progress(self, turn: Turn, reply: _Reply) -> None:
         if reply.message_id is None:
             message = await self._conversations.add_message(
-                turn.conversation.id, "assistant", reply.text, status="streaming"
+                turn.conversation.id, "assistant", reply.text, status="streaming", parent_id=turn.user_message.id
             )
             reply.message_id, reply.created_at = message.id, message.created_at
             reply.saved_chars = len(reply.text)
@@ -473,3 +531,13 @@ class ChatService:
         except CompanionError:
             logger.warning("could not save the final state of reply %s", reply.message_id, exc_info=True)
         return True
+
+
+async def _or_without(read: Awaitable[T], fallback: T) -> T:
+    """A context read once the user's message is stored: if the database went away meanwhile, the
+    turn goes ahead without that part rather than leave the message unanswered."""
+    try:
+        return await read
+    except ServiceUnavailable:
+        logger.warning("answering without part of the context: the database is unavailable")
+        return fallback
