@@ -69,8 +69,11 @@ class CachedUserService(UserService):
         owner = await self._cached.get(key, load)
         if owner is None:
             return None
-        if owner.key_id is not None:
-            self._used[owner.key_id] = self._clock()
+        if owner.key_id is None:
+            # Cached before owners carried their key's id (an upgrade, for at most the cache TTL):
+            # which key it is decides what the caller may do with it, so ask the database.
+            return await UserService._owner_of(self, key_hash, None)
+        self._used[owner.key_id] = self._clock()
         return KeyOwner(owner.user_id, owner.key_id, key_hash)
 
     async def revoke_key(self, user_id: uuid.UUID, key_id: uuid.UUID, *, allow_last: bool = False) -> str:
