@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from companion.llm.base import ChatMessage
-from companion.llm.scripted import ScriptedProvider
+from companion.llm.scripted import ScriptedProvider, ScriptedReply
 from companion.storage.models import ConversationSummary
 from tests.conftest import make_settings, new_client
 from tests.support.api import all_messages, assert_error, chat, create_conversation, running_server, user_client
@@ -237,3 +237,40 @@ async def test_the_running_summary_follows_the_active_path(database_url: str, tm
         async with services.database.session() as session:
             rows = (await session.execute(select(ConversationSummary.id))).scalars().all()
         assert len(rows) >= 3  # summaries are only ever added
+
+
+async def test_a_regenerated_reply_is_a_run_that_can_be_stopped_and_resumed(
+    client: httpx.AsyncClient, provider: ScriptedProvider
+):
+    conversation = (await create_conversation(client))["id"]
+    first = await chat(client, conversation, "Tell me a story.")
+    provider.queue(ScriptedReply("Once upon a time there was", hang_after=3))
+    request = client.build_request("POST", _url(conversation, first["message_id"], "regenerate"))
+    response = await client.send(request, stream=True)
+    try:
+        events = iter_sse(response)
+        async with asyncio.timeout(DEADLINE):
+            opened = await anext(events)
+            tokens = [await anext(events) for _ in range(3)]
+        message_id = opened.json()["message_id"]
+        assert opened.json()["user_message_id"] == first["user_message_id"]
+        assert "".join(t.json()["text"] for t in tokens) == "Once upon a "
+        # ... and stoppable.
+        stopped = await client.post(f"/v1/conversations/{conversation}/messages/{message_id}/stop")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+        async with asyncio.timeout(DEADLINE):
+            rest = [event async for event in events]
+    finally:
+        await response.aclose()
+    assert rest[-1].event == "done" and rest[-1].json()["finish_reason"] == "stopped"
+    # Resumable from another connection like any reply: replayed after its first event, to its end.
+    async with client.stream(
+        "GET", f"/v1/conversations/{conversation}/messages/{message_id}/stream", headers={"Last-Event-ID": "0"}
+    ) as resumed:
+        assert resumed.status_code == 200
+        replayed = [event async for event in iter_sse(resumed)]
+    assert "".join(e.json()["text"] for e in replayed if e.event == "token") == "Once upon a "
+    assert replayed[-1].event == "done"
+    path = await all_messages(client, conversation)
+    assert (path[-1]["id"], path[-1]["status"], path[-1]["content"]) == (message_id, "stopped", "Once upon a ")
+    assert path[-1]["siblings"] == [first["message_id"], message_id]
