@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.responses import JSONResponse
 
-from companion.api.admission import hold_for_turn
+from companion.api.admission import hold_for_turn, release_before_streaming
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
 from companion.chat.runs import Run, done_data
@@ -186,6 +186,7 @@ async def resume_reply(
     message_id: Annotated[int, Path(ge=1, le=MAX_MESSAGE_ID)],
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     after: Annotated[
         str | None, Query(max_length=20, description="The id of the last event received (as Last-Event-ID).")
     ] = None,
@@ -201,6 +202,7 @@ async def resume_reply(
             param="after" if last_event_id is None else "Last-Event-ID",
         )
     message = await services.runs.resume(user_id, conversation_id, message_id)
+    release_before_streaming(request)
     return sse_response(_resume(services, message, offset))
 
 
