@@ -40,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from companion.cache.redis import REDIS_ERRORS, QueueingConnectionPool, make_client
+from companion.overload.loop import excluded_wait
 
 if TYPE_CHECKING:
     from companion.config import Settings
@@ -145,8 +146,9 @@ class QueueingRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._in_flight.locked():
             try:
-                async with asyncio.timeout(self._queue_timeout):
-                    await self._in_flight.acquire()
+                with excluded_wait():  # our own queue: not the cluster's time (the operation's timeout)
+                    async with asyncio.timeout(self._queue_timeout):
+                        await self._in_flight.acquire()
             except TimeoutError as error:
                 raise RedisConnectionError("No connection available.") from error
         else:
