@@ -15,6 +15,7 @@ port + 10000.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import signal
 import socket
@@ -489,6 +490,11 @@ def topology_options(
 TOPOLOGIES = ("cluster", "sentinel")
 
 
+# The contract suites test what each command does, not how fast: on a loaded two-core machine a
+# connect or a reply can wait longer than the service's 250 ms for this process to be scheduled.
+CONTRACT_TIMEOUT_MS = 3_000
+
+
 def prepared_topology(kind: str, request: Any) -> Any:
     """A fresh `Topology` client on the session's (emptied) cluster or sentinel set, for a
     fixture parametrized over topologies. The caller closes it (`await topology.aclose()`)."""
@@ -497,10 +503,14 @@ def prepared_topology(kind: str, request: Any) -> Any:
     if kind == "cluster":
         cluster: LocalCluster = request.getfixturevalue("redis_cluster")
         cluster.flush()
-        return make_topology(topology_options("cluster", cluster=cluster))
-    sentinels: LocalSentinelSet = request.getfixturevalue("redis_sentinels")
-    sentinels.flush()
-    return make_topology(topology_options("sentinel", sentinels=sentinels))
+        options = topology_options("cluster", cluster=cluster)
+    else:
+        sentinels: LocalSentinelSet = request.getfixturevalue("redis_sentinels")
+        sentinels.flush()
+        options = topology_options("sentinel", sentinels=sentinels)
+    return make_topology(
+        dataclasses.replace(options, socket_timeout_ms=CONTRACT_TIMEOUT_MS, connect_timeout_ms=CONTRACT_TIMEOUT_MS)
+    )
 
 
 def backend_on(kind: str, request: Any, **backend_options: Any) -> Any:
@@ -508,4 +518,5 @@ def backend_on(kind: str, request: Any, **backend_options: Any) -> Any:
     from companion.cache.redis import RedisBackend
 
     topology = prepared_topology(kind, request)
+    backend_options.setdefault("timeout", CONTRACT_TIMEOUT_MS / 1000)
     return RedisBackend(topology.client, topology=topology, **backend_options)
