@@ -131,13 +131,19 @@ async def test_a_turn_whose_client_leaves_holds_its_slot_until_the_reply_is_sett
             "POST", f"/v1/conversations/{conversation}/messages", json={"content": "Tell me"}
         ) as response:
             assert response.status_code == 200
+            message_id = 0
             async for event in iter_sse(response):
+                if event.event == "message":
+                    message_id = event.json()["message_id"]
                 if event.event == "token":
                     break
-    # The client is gone; its reply runs on (companion.chat.runs), and keeps its slot meanwhile.
+            assert gate.in_flight == 1
+    # The client has gone; the reply goes on (it runs apart from its request) and keeps the slot ...
+    assert app_services.runs.running(message_id)
     assert gate.in_flight == 1
-    for _ in range(10):
-        release.release()
+    for _ in range(2):
+        release.release()  # ... until the model has finished it
+    await wait_for(lambda: gate.in_flight == 0, what="the slot to be released")
 
     async def settled() -> bool:
         messages = await all_messages(client, conversation)
