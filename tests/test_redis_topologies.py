@@ -213,6 +213,17 @@ async def test_a_primary_killed_under_load_fails_no_request_and_redis_is_used_ag
             for instance in instances:
                 await instance.wait_channel_connected(within=DEADLINE)
             await _nothing_stale(instances)
+            # The old primary comes back (as a replica of the new one): the instances must keep
+            # writing to the new primary, not drift back to the old address (the open redis-py
+            # reports on its asyncio Sentinel pool).
+            await asyncio.to_thread(heal)
+
+            async def redis_ok_everywhere() -> bool:
+                return all([(await i.health())["checks"]["redis"]["status"] == "ok" for i in instances])
+
+            await wait_for(redis_ok_everywhere, timeout=60, what="Redis ok on both instances after the heal")
+            await _nothing_stale(instances)
+            assert all(i.services.redis is not None and i.services.redis.breaker.state == "closed" for i in instances)
     finally:
         await asyncio.to_thread(heal)
 
