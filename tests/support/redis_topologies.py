@@ -95,8 +95,8 @@ class NodeProcess:
             "host": HOST,
             "port": self.port,
             "password": self.password,
-            "socket_timeout": 2.0,
-            "socket_connect_timeout": 2.0,
+            "socket_timeout": 5.0,
+            "socket_connect_timeout": 5.0,
             "decode_responses": True,
         }
         options.update(overrides)
@@ -472,9 +472,13 @@ def topology_options(
     "sentinel", built the way the app builds them (companion.cache.topology)."""
     from companion.cache.topology import RedisOptions, parse_sentinels
 
+    # Generous timeouts: these topologies run many processes on a busy two-core machine, and the
+    # suites using them test what the operations do, not how fast (the failover tests build their
+    # own settings with the defaults).
+    timeouts = {"socket_timeout_ms": 2000, "connect_timeout_ms": 2000}
     if kind == "cluster":
         assert cluster is not None
-        return RedisOptions(url=cluster.url, mode="cluster")
+        return RedisOptions(url=cluster.url, mode="cluster", **timeouts)
     if kind == "sentinel":
         assert sentinels is not None
         return RedisOptions(
@@ -482,9 +486,10 @@ def topology_options(
             mode="sentinel",
             sentinels=parse_sentinels(sentinels.sentinel_addresses),
             sentinel_master=sentinels.master_name,
+            **timeouts,
         )
     assert url is not None
-    return RedisOptions(url=url, mode="standalone")
+    return RedisOptions(url=url, mode="standalone", **timeouts)
 
 
 TOPOLOGIES = ("cluster", "sentinel")
