@@ -31,7 +31,7 @@ from tests.support.tcp_proxy import TcpProxy
 
 REPLIES = 50
 CONCURRENCY = 10
-DEADLINE = 60.0
+DEADLINE = 120.0
 WORDS = "the fox and the crow talked about cheese and trust until the sun came up over the hill".split()
 
 
@@ -79,7 +79,10 @@ async def test_fifty_replies_survive_disconnects_resumes_and_a_killed_server(pg_
             "reply_heartbeat_seconds": 0.2,
             "reply_stale_seconds": 1.5,
             "database_connect_timeout_seconds": 1,
-            "turn_wait_seconds": 5,
+            # A turn A began but never stored (it died between taking the conversation and committing
+            # the message) holds the conversation until its Redis lease expires (30 s): a message sent
+            # again through B waits for that.
+            "turn_wait_seconds": 45,
         }
         settings_a = make_settings(
             make_url(pg_database).set(port=pg_proxy.port).render_as_string(hide_password=False),
@@ -222,6 +225,10 @@ async def _converse(
                         break
         except httpx.TransportError:
             outcome.notes.append("post dropped")
+            # Only the kill drops a connection here; A may still be storing things until its
+            # database connection is cut too: look once it is.
+            async with asyncio.timeout(DEADLINE):
+                await killed.wait()
         if outcome.message_id is None:
             # A died before its first event reached us: if the reply was created, follow it from the
             # start; if not (A died before the first token), the message is stored, unanswered.

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.responses import JSONResponse
 
-from companion.api.admission import hold_for_turn
+from companion.api.admission import hold_for_turn, turn_permit
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
 from companion.chat.runs import Run, done_data
@@ -179,6 +179,7 @@ async def resume_reply(
     message_id: Annotated[int, Path(ge=1, le=MAX_MESSAGE_ID)],
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     after: Annotated[
         str | None, Query(max_length=20, description="The id of the last event received (as Last-Event-ID).")
     ] = None,
@@ -194,6 +195,11 @@ async def resume_reply(
             param="after" if last_event_id is None else "Last-Event-ID",
         )
     message = await services.runs.resume(user_id, conversation_id, message_id)
+    # Following a reply is waiting, not work: it must not hold one of the request slots of admission
+    # control for as long as the reply runs (many followers would lock every other request out).
+    release_slot = turn_permit(request)
+    if release_slot is not None:
+        release_slot()
     return sse_response(_resume(services, message, offset))
 
 

@@ -43,6 +43,7 @@ from companion.types import Clock, utcnow
 logger = logging.getLogger(__name__)
 
 INTERRUPTED = "reply_interrupted"
+SWEEPER_TASK = "reply-sweeper"  # its name: tests that count a turn's queries leave the sweeps out
 GIVE_UP_SECONDS = 30.0  # how long an ended run keeps trying to write its last events to Redis
 
 
@@ -92,6 +93,16 @@ def final_event(message: MessageOut, user_message_id: int | None) -> RunEvent:
         body = error_body("The model failed while generating this reply.", "upstream_error", "llm_provider_error")
         return RunEvent("error", offset, data={**body, "message_id": message.id})
     return interrupted_event(message.id, message.content)
+
+
+def _completed(event: RunEvent, offset: int) -> list[RunEvent]:
+    """The event, preceded by the text its end states and the client lacks. A reply settled by
+    another server ends with the text saved in the database, which may run past the last batch of
+    events its dead server wrote to Redis: that part is sent as a token before the end."""
+    content = (event.data or {}).get("content") if event.terminal else None
+    if isinstance(content, str) and 0 <= offset < len(content):
+        return [RunEvent("token", offset, content[offset:]), event]
+    return [event]
 
 
 @dataclass
@@ -306,15 +317,16 @@ class ReplyRuns:
         while True:
             try:
                 if message.id in self.local:
-                    async for event in self.local.follow(message.id, offset, stall_seconds=3600):
-                        offset = max(offset, event.end)
-                        yield event
-                    return
-                if self.shared is not None:
-                    async for event in self.shared.follow(message.id, offset, stall_seconds=stall):
-                        offset = max(offset, event.end)
-                        yield event
-                    return
+                    source = self.local.follow(message.id, offset, stall_seconds=3600)
+                elif self.shared is not None:
+                    source = self.shared.follow(message.id, offset, stall_seconds=stall)
+                else:
+                    raise RunLogMissing(message.id)
+                async for event in source:
+                    for part in _completed(event, offset):
+                        offset = max(offset, part.end)
+                        yield part
+                return
             except RunLogMissing:
                 pass
             except RunLogStalled:
@@ -382,7 +394,7 @@ class ReplyRuns:
     async def open(self) -> None:
         """Settle what died before this start, then keep sweeping."""
         await self.sweep()
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name=SWEEPER_TASK)
 
     async def aclose(self) -> None:
         """Stop sweeping; end the runs of this instance (their replies are kept `incomplete`) and

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import event
 
 from companion.cache import keys
+from companion.chat.runs import SWEEPER_TASK
 from companion.conversations.buffer import MemoryConversationBuffer, RedisConversationBuffer
 from companion.conversations.turns import LocalTurnLock, RedisTurnLock
 from companion.llm.base import ChatMessage
@@ -143,8 +144,8 @@ def turns_waiting(services: Services, conversation_id: str) -> int:
 @dataclass
 class MessageReads:
     """The SELECTs of message rows run on some instances' engines, each with the name of the asyncio
-    task that ran it, so that the background summarizer (tasks `summarize-<conversation>`) can be
-    told apart from the turns themselves."""
+    task that ran it, so that the background summarizer (tasks `summarize-<conversation>`) and the
+    reply sweeper can be told apart from the turns themselves."""
 
     statements: list[tuple[str, str]] = field(default_factory=list)
 
@@ -155,7 +156,8 @@ class MessageReads:
 
     @property
     def by_turns(self) -> list[str]:
-        return [s for name, s in self.statements if not name.startswith("summarize-")]
+        # Neither the summarizer nor the sweep for replies whose server died (every few seconds).
+        return [s for name, s in self.statements if not name.startswith(("summarize-", SWEEPER_TASK))]
 
     @property
     def by_summarizer(self) -> list[str]:
