@@ -95,16 +95,6 @@ def final_event(message: MessageOut, user_message_id: int | None) -> RunEvent:
     return interrupted_event(message.id, message.content)
 
 
-def _completed(event: RunEvent, offset: int) -> list[RunEvent]:
-    """The event, preceded by the text its end states and the client lacks. A reply settled by
-    another server ends with the text saved in the database, which may run past the last batch of
-    events its dead server wrote to Redis: that part is sent as a token before the end."""
-    content = (event.data or {}).get("content") if event.terminal else None
-    if isinstance(content, str) and 0 <= offset < len(content):
-        return [RunEvent("token", offset, content[offset:]), event]
-    return [event]
-
-
 @dataclass
 class Run:
     """One reply being generated on this instance."""
@@ -312,7 +302,24 @@ class ReplyRuns:
         return await self._conversations.get_reply(user_id, conversation_id, message_id)
 
     async def follow(self, message: MessageOut, offset: int) -> AsyncIterator[RunEvent]:
-        """The reply's events after `offset`, to its terminal event, from the best source."""
+        """The reply's events after `offset`, to its terminal event, from the best source.
+
+        A terminal event that carries the reply's final text is preceded by whatever of that text
+        the client still lacks: a dead run's Redis Stream can stop short of the text it last saved
+        to the database (the two are written on their own schedules), and the sweeper that settles
+        it knows only the saved text. Without this, a client resuming from the stream would get
+        the terminal event a few words short of the stored reply."""
+        async for event in self._follow_sources(message, offset):
+            if event.terminal:
+                content = (event.data or {}).get("content")
+                if isinstance(content, str) and len(content) > offset:
+                    yield RunEvent("token", offset, content[offset:])
+                yield event
+                return
+            offset = max(offset, event.end)
+            yield event
+
+    async def _follow_sources(self, message: MessageOut, offset: int) -> AsyncIterator[RunEvent]:
         stall = max(self.heartbeat_seconds, self.flush_seconds * 4)
         while True:
             try:
@@ -323,9 +330,8 @@ class ReplyRuns:
                 else:
                     raise RunLogMissing(message.id)
                 async for event in source:
-                    for part in _completed(event, offset):
-                        offset = max(offset, part.end)
-                        yield part
+                    offset = max(offset, event.end)
+                    yield event
                 return
             except RunLogMissing:
                 pass

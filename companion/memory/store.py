@@ -239,13 +239,25 @@ def to_bytes(vector: np.ndarray) -> bytes:
 
 
 class SqlVectorStore:
-    def __init__(self, database: Database, *, model_id: str, dimensions: int, max_cached_users: int = 256) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        model_id: str,
+        dimensions: int,
+        max_cached_users: int = 256,
+        max_cached_memories: int = 100_000,
+    ) -> None:
         self._db = database
         self._full_text: FullTextIndex = full_text_for(database.dialect)
         self.model_id = model_id
         self.dimensions = dimensions
         self._matrices: collections.OrderedDict[uuid.UUID, _Matrix] = collections.OrderedDict()
         self.max_cached_users = max_cached_users
+        # A cached memory costs about 3.5 KB here (its vector and its Python object; docs/memory.md):
+        # the budget bounds the instance's cache near 350 MB however many memories its users have.
+        self.max_cached_memories = max_cached_memories
+        self._cached_memories = 0
         self._loading: KeyedLocks[uuid.UUID] = KeyedLocks()  # one load per user at a time
         self.loads = 0  # matrices loaded from the database (tests and benchmarks read it)
 
@@ -289,10 +301,15 @@ class SqlVectorStore:
         return matrix
 
     def _keep(self, user_id: uuid.UUID, matrix: _Matrix) -> None:
+        replaced = self._matrices.get(user_id)
+        self._cached_memories += len(matrix.memories) - (len(replaced.memories) if replaced is not None else 0)
         self._matrices[user_id] = matrix
         self._matrices.move_to_end(user_id)
-        while len(self._matrices) > self.max_cached_users:
-            self._matrices.popitem(last=False)
+        while len(self._matrices) > 1 and (
+            len(self._matrices) > self.max_cached_users or self._cached_memories > self.max_cached_memories
+        ):
+            _, dropped = self._matrices.popitem(last=False)
+            self._cached_memories -= len(dropped.memories)
 
     def _changed(self, user_id: uuid.UUID, generation: int | None, change: Callable[[_Matrix], _Matrix]) -> None:
         """After this instance committed one change that took the user from `generation - 1` to
@@ -303,6 +320,7 @@ class SqlVectorStore:
             return
         if generation is None or cached.generation != generation - 1:
             self._matrices.pop(user_id, None)
+            self._cached_memories -= len(cached.memories)
             return
         self._keep(user_id, change(cached))
 
