@@ -2,7 +2,8 @@
 shares a CPU budget or an event loop with the server it measures.
 
 It reads a JSON job on stdin: {"host", "port", "streams": [{"key", "conversation"}, ...],
-"warmup": seconds, "duration": seconds, "retry_after": bool (default true)}. Each stream is one keep-alive HTTP/1.1
+"warmup": seconds, "duration": seconds, "retry_after": bool (default true), "request_timeout": seconds
+(default 60)}. Each stream is one keep-alive HTTP/1.1
 connection sending chat messages back to back into its own conversation (turns in one conversation
 are serialized by the service, so concurrent streams need their own). Per request it records the
 time to the first response byte, to the first `event: token` of the SSE reply (the first streamed
@@ -112,6 +113,7 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     errors = 0
     outcomes: Counter[str] = Counter()
     honor_retry_after = bool(job.get("retry_after", True))
+    request_timeout = float(job.get("request_timeout", 60.0))
 
     async def drive(index: int, stream: Stream) -> None:
         nonlocal errors
@@ -119,18 +121,27 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         while (now := loop.time()) < stop_at:
             number += 1
             try:
-                first_byte, first_token, whole = await stream.request(index * 1_000_000 + number)
+                async with asyncio.timeout(request_timeout):
+                    first_byte, first_token, whole = await stream.request(index * 1_000_000 + number)
             except Refused as refused:
                 if now >= measure_from:
                     errors += 1
                     outcomes[refused.outcome] += 1
                 if honor_retry_after and refused.retry_after > 0:
                     await asyncio.sleep(min(refused.retry_after, max(stop_at - loop.time(), 0.0)))
+                    if refused.retry_after >= 2:
+                        # The server closes keep-alive connections idle for 5 s (uvicorn's default):
+                        # a client coming back later opens a new one, as HTTP clients do.
+                        await stream.close()
+                        await stream.connect()
                 continue
             except (OSError, RuntimeError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
                 if now >= measure_from:
                     errors += 1
-                    outcomes[str(error) if isinstance(error, RuntimeError) else "connection"] += 1
+                    if isinstance(error, TimeoutError):
+                        outcomes["no answer in time"] += 1
+                    else:
+                        outcomes[str(error) if isinstance(error, RuntimeError) else "connection"] += 1
                 await stream.close()
                 await stream.connect()
                 continue

@@ -3,8 +3,8 @@ control sized from the sweep) driven by closed-loop chat streams at 1x, 2x, 5x a
 saturates it, to show that it degrades on purpose: it refuses what it cannot serve (503
 `overloaded`), keeps its throughput and its caches, and never reports a dependency as down.
 
-- saturation: streams 1, 2, 4, 8, 16, 32; the saturating load S is the fewest streams whose replies
-  per second come within 10% of the best of the sweep;
+- saturation: streams 1, 2, 4, 8, 16, 32 (up, then down again); the saturating load S is the fewest
+  streams whose replies per second come within 10% of the best of the sweep;
 - per level (S x 1, 2, 5, 10 streams, each run twice: up, then down again): replies/s, first-chunk p50/p99, requests shed (503
   `overloaded`), other errors, cache hit rate (from /metrics, over the level), `/health` polled
   every half second (any dependency `down`, or the invalidation channel disconnected, is counted),
@@ -193,14 +193,15 @@ async def run(env: BenchEnv, *, quick: bool) -> Outcome:
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            progress("overload: warming every conversation's caches")
-            await chat_load(server, targets, warmup=0.0, duration=1.0 if quick else 3.0)
-            for streams in sweep:
-                sweep_levels.append(
-                    await measure(
-                        server, client, f"sweep {streams}", targets[:streams], warmup=0.3, duration=sweep_seconds
-                    )
+            progress("overload: warming the sweep's conversations")
+            await chat_load(server, targets[: max(sweep)], warmup=0.0, duration=1.0 if quick else 3.0)
+            swept: dict[int, Level] = {}
+            for streams in [*sweep, *reversed(sweep)]:  # up and down again, as the levels
+                point = await measure(
+                    server, client, f"sweep {streams}", targets[:streams], warmup=0.3, duration=sweep_seconds
                 )
+                swept[streams] = swept[streams].merged(point) if streams in swept else point
+            sweep_levels = [swept[streams] for streams in sweep]
     finally:
         server.stop()
         logs.append(_log(server))

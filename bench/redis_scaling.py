@@ -247,6 +247,7 @@ async def run(env: BenchEnv, budget: Budget, *, quick: bool = False) -> Outcome:
         await env.close_services(on_cluster)
 
         failover_rows = []
+        failure_notes: list[str] = []
         for kind in ("cluster", "sentinel"):
             progress(f"failover under load: {kind}")
             sentinels = None
@@ -275,10 +276,13 @@ async def run(env: BenchEnv, budget: Budget, *, quick: bool = False) -> Outcome:
                         clients = [
                             await stack.enter_async_context(instance.client(created.api_key)) for instance in instances
                         ]
-                        conversation = (await clients[0].post("/v1/conversations", json={"personality": "elara"})).json()
+                        conversation = (
+                            await clients[0].post("/v1/conversations", json={"personality": "elara"})
+                        ).json()
                         workers.append(Worker(clients, conversation["id"]))
                     report = await run_failover(kind, workers, [i.http for i in instances], kill)
                 failover_rows.append(report.row())
+                failure_notes += [f"{kind}: {failure}" for failure in report.failures[:3]]
                 for key in ("requests failed", "messages lost", "seconds degraded", "seconds until Redis used again"):
                     value = report.row()[key]
                     if value is not None:
@@ -313,6 +317,7 @@ async def run(env: BenchEnv, budget: Budget, *, quick: bool = False) -> Outcome:
                 "SIGKILLed after 2 s; cluster-node-timeout 2000 ms, sentinel down-after-milliseconds 1000; "
                 "'seconds degraded' is how long any instance's /health said Redis was not ok, 'seconds until "
                 "Redis used again' runs from the kill until both say ok again.",
+                *(f"A failed request: {note}" for note in failure_notes),
             ],
         )
     )

@@ -35,12 +35,20 @@ def overloaded_response(error: Overloaded) -> JSONResponse:
 
 
 def turn_permit(request: Request) -> Callable[[], None] | None:
-    """For a route that starts a turn: take over the release of the request's turn slot (to be
-    called once the turn has finished); None when admission control did not gate this request."""
+    """For a route that manages its own slot: take over the release of the request's slot (a turn
+    releases it once finished); None when admission control did not gate this request."""
     permit: Permit | None = request.scope.get("state", {}).get(_PERMIT)
     if permit is None:
         return None
     return permit.hand_over()
+
+
+def release_before_streaming(request: Request) -> None:
+    """For a route that only follows a stream (a resumed reply): its set-up was admitted, but the
+    following itself is waiting, not work, and must not hold a slot for as long as the reply lasts."""
+    release = turn_permit(request)
+    if release is not None:
+        release()
 
 
 def hold_for_turn(request: Request, turn: Turn) -> Turn:

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.responses import JSONResponse
 
-from companion.api.admission import hold_for_turn
+from companion.api.admission import hold_for_turn, release_before_streaming
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
 from companion.chat.runs import Run, done_data
@@ -59,7 +59,7 @@ live and another one follows the database's copy (saved every `STREAM_FLUSH_INTE
 @router.post("", status_code=201, response_model=ConversationOut)
 async def create_conversation(body: ConversationCreate, user_id: UserIdDep, services: ServicesDep) -> ConversationOut:
     personality = await services.personalities.resolve(user_id, body.personality)
-    return await services.conversations.create(user_id, personality.name, body.title)
+    return await services.chat.open_conversation(user_id, personality, body.title)
 
 
 @router.get("", response_model=ConversationPage)
@@ -110,9 +110,16 @@ async def list_messages(
     after: Annotated[
         int | None, Query(ge=0, le=MAX_MESSAGE_ID, description="Only messages newer than this id.")
     ] = None,
+    tree: Annotated[
+        bool,
+        Query(
+            description="false (default): the active path, each message with its alternatives' ids in `siblings`; "
+            "true: every message of the conversation's tree (follow `parent_id`), alternatives and old branches too."
+        ),
+    ] = False,
 ) -> MessagePage:
     data, has_more = await services.conversations.list_messages(
-        user_id, conversation_id, limit=limit, before=before, after=after
+        user_id, conversation_id, limit=limit, before=before, after=after, whole_tree=tree
     )
     return MessagePage(data=data, has_more=has_more)
 
@@ -179,6 +186,7 @@ async def resume_reply(
     message_id: Annotated[int, Path(ge=1, le=MAX_MESSAGE_ID)],
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     after: Annotated[
         str | None, Query(max_length=20, description="The id of the last event received (as Last-Event-ID).")
     ] = None,
@@ -194,6 +202,7 @@ async def resume_reply(
             param="after" if last_event_id is None else "Last-Event-ID",
         )
     message = await services.runs.resume(user_id, conversation_id, message_id)
+    release_before_streaming(request)
     return sse_response(_resume(services, message, offset))
 
 

@@ -37,7 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from companion.cache.redis import REDIS_ERRORS, QueueingConnectionPool, make_client
 
@@ -153,6 +153,12 @@ class QueueingRedisCluster(RedisCluster):
             await self._in_flight.acquire()
         try:
             return await super().execute_command(*args, **kwargs)
+        except (KeyError, AttributeError) as error:
+            # redis-py's cluster client resets its slot and node tables while it reloads them
+            # (after MOVED, ClusterDown or a lost node: a failover); a command arriving meanwhile
+            # can hit the half-empty tables. That means "not available right now", like the
+            # ConnectionError it would get a moment earlier, so it must not become a 500.
+            raise RedisClusterException(f"cluster slot map unavailable ({type(error).__name__})") from error
         finally:
             self._in_flight.release()
 

@@ -78,6 +78,29 @@ class ContextAssembler:
             await self._forget(conversation_id)
         return recent
 
+    async def rebuild(self, conversation_id: uuid.UUID) -> list[BufferedMessage]:
+        """After the active path changed (a branch switch, a regenerate): the buffer rebuilt from the
+        path's newest messages, and the summary made one of the new path."""
+        rows = await self._conversations.recent_messages(conversation_id, self.window)
+        recent = [BufferedMessage(id=m.id, role=m.role, content=m.content, at=stamp(m.created_at)) for m in rows]
+        try:
+            if recent:
+                await self._buffer.replace(conversation_id, recent)
+            else:
+                await self._buffer.drop(conversation_id)
+        except CacheUnavailable:
+            await self._forget(conversation_id)
+        await self.path_changed(conversation_id)
+        return recent
+
+    async def path_changed(self, conversation_id: uuid.UUID) -> None:
+        """The active path no longer ends where it did: the summary must be one of the new path."""
+        if self._summarizer is not None:
+            await self._summarizer.follow_path(conversation_id)
+
+    async def preferences(self, user_id: uuid.UUID) -> Preferences:
+        return await self._preferences.get(user_id)
+
     async def remember(self, conversation_id: uuid.UUID, message: BufferedMessage, *, after: str | None = None) -> None:
         """Add a settled reply to the buffer (or drop the buffer if that fails). `after`: the stamp of
         the message it answers."""

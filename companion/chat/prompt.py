@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
+from companion.interchange.cards import character_name, fill_char, fill_user
 from companion.llm.base import ChatMessage, estimate_tokens
 from companion.llm.context import CONTEXT_CLOSE, CONTEXT_OPEN, split_context
 from companion.memory import when
+from companion.personalities import lorebook
 from companion.personalities.schemas import PersonalityOut
 from companion.preferences.schemas import Preferences
 
@@ -28,7 +30,17 @@ _LENGTH = {
 _TONE = {"casual": "Use a casual, relaxed tone.", "neutral": "", "formal": "Use a polite, formal tone."}
 
 
-__all__ = ["CONTEXT_RULE", "build_prompt", "context_block", "memory_line", "split_context", "system_prompt"]
+__all__ = [
+    "CONTEXT_RULE",
+    "build_prompt",
+    "context_block",
+    "memory_line",
+    "split_context",
+    "system_prompt",
+    "user_name",
+]
+
+LORE_TOKENS = 400  # at most this much of a character card's lorebook goes into one prompt
 
 CONTEXT_RULE = (
     f"A user message may begin with a {CONTEXT_OPEN} block: notes this service adds from earlier conversations, "
@@ -86,8 +98,13 @@ def context_block(memories: Sequence[str], summary: str | None, now: datetime | 
     return "\n".join(parts) + "\n\n"
 
 
+def user_name(preferences: Preferences) -> str:
+    """What `{{user}}` in a character card stands for."""
+    return preferences.preferred_name or "User"
+
+
 def system_prompt(personality: PersonalityOut, preferences: Preferences) -> str:
-    parts = [personality.system_prompt.strip()]
+    parts = [fill_user(personality.system_prompt.strip(), user_name(preferences))]
     if preferences.preferred_name:
         parts.append(f"Address the user as {preferences.preferred_name}.")
     parts.append(_LENGTH[preferences.reply_length])
@@ -134,11 +151,28 @@ def build_prompt(
     """`history` is oldest first and ends with the new user message, which is always kept. The
     long-term memories (most relevant first, as many as fit in `memory_budget` tokens, each with
     when it was said) and the running summary of older messages go before that message's text, in
-    the context block; `now` dates the block ("Today is ...")."""
-    system = ChatMessage("system", system_prompt(personality, preferences))
+    the context block; `now` dates the block ("Today is ..."). A character card adds the lorebook
+    entries the recent messages call up (around the system prompt) and its post-history
+    instructions (a system message after the history)."""
+    text = system_prompt(personality, preferences)
+    card = personality.card.data if personality.card is not None else None
+    post_history: list[ChatMessage] = []
+    if card is not None:
+        lore = lorebook.select(card.character_book, [m.content for m in history], budget=LORE_TOKENS)
+        char, user = character_name(card), user_name(preferences)
+
+        def fill(entries: Sequence[str]) -> list[str]:
+            return [fill_user(fill_char(entry, char), user) for entry in entries]
+
+        text = "\n\n".join([*fill(lore.before), text, *fill(lore.after)])
+        if card.post_history_instructions.strip():
+            # After the conversation, where they weigh most.
+            post_history.append(ChatMessage("system", fill([card.post_history_instructions.strip()])[0]))
+    system = ChatMessage("system", text)
     remembered = _within([memory_line(memory) for memory in memories], memory_budget)
     context = context_block(remembered, summary, now)
     remaining = token_budget - estimate_tokens(system.content) - estimate_tokens(context)
+    remaining -= sum(estimate_tokens(m.content) for m in post_history)
     kept: list[ChatMessage] = []
     for message in reversed(history):
         cost = estimate_tokens(message.content)
@@ -150,4 +184,4 @@ def build_prompt(
     if context and kept:
         newest = kept[-1]
         kept[-1] = ChatMessage(newest.role, context + newest.content)
-    return [system, *kept]
+    return [system, *kept, *post_history]

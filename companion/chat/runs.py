@@ -259,9 +259,10 @@ class ReplyRuns:
     async def stop(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, *, wait: float = 5.0
     ) -> MessageOut:
-        """Stop a reply wherever it runs and return its row once settled (at most `wait` seconds).
-        Raises NotFound (not the user's reply), Conflict when it runs elsewhere and there is no
-        Redis to reach that instance, CacheUnavailable-mapped 503 from the caller's view."""
+        """Stop a reply wherever it runs and return its row once settled (waiting at most `wait`
+        seconds; then as it is). Raises NotFound (not the user's reply) and Conflict (409
+        `reply_elsewhere`) when another instance runs it and Redis, which would reach it, is off or
+        unreachable."""
         message = await self._conversations.get_reply(user_id, conversation_id, message_id)
         if message.status != "streaming":
             return message
@@ -300,7 +301,24 @@ class ReplyRuns:
         return await self._conversations.get_reply(user_id, conversation_id, message_id)
 
     async def follow(self, message: MessageOut, offset: int) -> AsyncIterator[RunEvent]:
-        """The reply's events after `offset`, to its terminal event, from the best source."""
+        """The reply's events after `offset`, to its terminal event, from the best source.
+
+        A terminal event that carries the reply's final text is preceded by whatever of that text
+        the client still lacks: a dead run's Redis Stream can stop short of the text it last saved
+        to the database (the two are written on their own schedules), and the sweeper that settles
+        it knows only the saved text. Without this, a client resuming from the stream would get
+        the terminal event a few words short of the stored reply."""
+        async for event in self._follow_sources(message, offset):
+            if event.terminal:
+                content = (event.data or {}).get("content")
+                if isinstance(content, str) and len(content) > offset:
+                    yield RunEvent("token", offset, content[offset:])
+                yield event
+                return
+            offset = max(offset, event.end)
+            yield event
+
+    async def _follow_sources(self, message: MessageOut, offset: int) -> AsyncIterator[RunEvent]:
         stall = max(self.heartbeat_seconds, self.flush_seconds * 4)
         while True:
             try:
@@ -381,7 +399,8 @@ class ReplyRuns:
     async def open(self) -> None:
         """Settle what died before this start, then keep sweeping."""
         await self.sweep()
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        # Named, so that tests counting the database reads of a turn can tell the sweeper's apart.
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="reply-sweeper")
 
     async def aclose(self) -> None:
         """Stop sweeping; end the runs of this instance (their replies are kept `incomplete`) and

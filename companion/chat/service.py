@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -26,13 +26,17 @@ import anyio
 
 from companion.cache.backend import CacheUnavailable
 from companion.chat.context import ContextAssembler
-from companion.chat.prompt import build_prompt
+from companion.chat.prompt import Remembered, build_prompt, user_name
 from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
-from companion.conversations.service import ConversationService
+from companion.conversations.service import HEAD, AtHead, ConversationService
 from companion.conversations.turns import LocalTurnLock, TurnLock
 from companion.errors import CompanionError, InvalidInput
+from companion.interchange import cards
+from companion.interchange.cards import fill_user
 from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
+from companion.personalities.schemas import PersonalityOut
+from companion.preferences.schemas import Preferences
 from companion.ratelimit.quotas import TokenQuotas
 from companion.types import check_text
 
@@ -50,6 +54,9 @@ class ChatLimits:
     flush_interval_seconds: float = 0.25
     memory_tokens: int = 200
     heartbeat_seconds: float = 2.0
+
+
+NOTHING_BEFORE = "nothing"
 
 
 async def _nothing() -> None:
@@ -177,8 +184,11 @@ class ChatService:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        parent_id: int | AtHead | None = HEAD,
     ) -> Turn:
         """Validate, take the conversation's turn, store the user's message and build the prompt.
+        The message follows `parent_id` (default: the end of the active path; an edit passes the
+        edited message's parent, which starts a new branch).
 
         Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
         reply is still streaming here and did not finish in time), RateLimited (429: token quota
@@ -191,20 +201,94 @@ class ChatService:
         await held.enter_async_context(self._turns.hold(conversation.id))
         try:
             # Read again now that the turn is ours, in the transaction that stores the message: the
-            # conversation's `updated_at` is when its last message was stored, which the buffer must
-            # end with (see ContextAssembler.history); the memory generation keys the recall.
+            # time of the message it follows is what the buffer must end with (see
+            # ContextAssembler.history); the memory generation keys the recall.
             user_message, previous_at, generation = await self._conversations.add_turn_message(
-                user_id, conversation.id, content
+                user_id, conversation.id, content, parent_id=parent_id
             )
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
-            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
+            # A message that follows nothing (the first, or an edit of the first) must not extend any
+            # buffer: no buffered message is stamped NOTHING_BEFORE, so one that exists is rebuilt.
+            after = stamp(previous_at) if previous_at is not None else NOTHING_BEFORE
+            history = await self._context.history(conversation.id, newest, after=after)
+            if not isinstance(parent_id, AtHead):  # an edit: a new branch
+                await self._context.path_changed(conversation.id)
             summary = await self._context.summary(conversation.id)
             memories = await self._context.recall(user_id, preferences, content, generation=generation)
         except BaseException:
             await held.aclose()
             raise
+        return self._turn(
+            user_id,
+            conversation,
+            user_message,
+            personality,
+            preferences,
+            history,
+            summary,
+            memories,
+            held,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            learn=preferences.memory_enabled,
+        )
+
+    async def regenerate(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> Turn:
+        """A turn that answers an existing user message again (`message_id`: it, or a reply to it):
+        the new reply becomes an alternative to the earlier ones and the active one. Raises as
+        `begin` does, and InvalidInput for a greeting."""
+        personality, preferences = await self._context.profile(user_id, conversation)
+        await self._check_quota(user_id)
+        held = contextlib.AsyncExitStack()
+        await held.enter_async_context(self._turns.hold(conversation.id))
+        try:
+            user_message = await self._conversations.rewind(user_id, conversation.id, message_id)
+            history = await self._context.rebuild(conversation.id)
+            summary = await self._context.summary(conversation.id)
+            memories = await self._context.recall(user_id, preferences, user_message.content)
+        except BaseException:
+            await held.aclose()
+            raise
+        return self._turn(
+            user_id, conversation, user_message, personality, preferences, history, summary, memories, held, learn=False
+        )
+
+    async def switch(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> int:
+        """Make the branch through `message_id` the active one (between turns) and rebuild the
+        buffer from it. Returns the new end of the active path."""
+        async with self._turns.hold(conversation.id):
+            head = await self._conversations.switch(user_id, conversation.id, message_id)
+            await self._context.rebuild(conversation.id)
+        return head
+
+    async def open_conversation(
+        self, user_id: uuid.UUID, personality: PersonalityOut, title: str | None = None
+    ) -> ConversationOut:
+        """A new conversation; a character card's greetings open it (`{{user}}` filled in)."""
+        greetings: list[str] = []
+        if personality.card is not None:
+            preferences = await self._context.preferences(user_id)
+            greetings = [fill_user(text, user_name(preferences)) for text in cards.greetings(personality.card.data)]
+        return await self._conversations.create(user_id, personality.name, title, greetings=greetings)
+
+    def _turn(
+        self,
+        user_id: uuid.UUID,
+        conversation: ConversationOut,
+        user_message: MessageOut,
+        personality: PersonalityOut,
+        preferences: Preferences,
+        history: list[BufferedMessage],
+        summary: str | None,
+        memories: Sequence[Remembered | str],
+        held: contextlib.AsyncExitStack,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        learn: bool,
+    ) -> Turn:
         params = GenerationParams(
             max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
             temperature=self.limits.temperature if temperature is None else temperature,
@@ -220,16 +304,7 @@ class ChatService:
             memory_budget=self.limits.memory_tokens,
             now=user_message.created_at,
         )
-        return Turn(
-            user_id,
-            conversation,
-            user_message,
-            prompt,
-            params,
-            held.aclose,
-            len(history),
-            learn=preferences.memory_enabled,
-        )
+        return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history), learn=learn)
 
     async def _check_quota(self, user_id: uuid.UUID) -> None:
         if self._quotas is not None and self._quotas.enabled:
@@ -272,7 +347,9 @@ class ChatService:
                     await stream.aclose()  # type: ignore[attr-defined]
                 if reply.message_id is None:
                     # A model may legitimately say nothing; record that the turn was answered.
-                    message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
+                    message = await self._conversations.add_message(
+                        turn.conversation.id, "assistant", "", parent_id=turn.user_message.id
+                    )
                     reply.message_id, reply.created_at = message.id, message.created_at
                     yield ReplyStarted(reply.message_id)
                 await self._settle(turn, reply, "complete")
@@ -313,7 +390,7 @@ class ChatService:
     async def _save_progress(self, turn: Turn, reply: _Reply) -> None:
         if reply.message_id is None:
             message = await self._conversations.add_message(
-                turn.conversation.id, "assistant", reply.text, status="streaming"
+                turn.conversation.id, "assistant", reply.text, status="streaming", parent_id=turn.user_message.id
             )
             reply.message_id, reply.created_at = message.id, message.created_at
             reply.saved_chars = len(reply.text)

@@ -98,6 +98,10 @@ class Personality(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The character card it was imported from (companion.interchange.cards.CardData), kept whole so
+    # that an export gives back what came in; and the card's PNG picture, if it came as one.
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    avatar: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class Preferences(Base):
@@ -119,12 +123,16 @@ class Conversation(Base):
     title: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The newest message of the active path (None: no messages yet). Messages form a tree through
+    # `Message.parent_id`; prompts, the buffer and the summary follow the path that ends here.
+    head_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        Index("ix_messages_parent_id", "parent_id"),
         # The sweeper looks for replies still streaming every few seconds: only those are indexed.
         Index(
             "ix_messages_streaming",
@@ -136,6 +144,9 @@ class Message(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    # The message this one follows (None: the first of the conversation, or one of its greetings).
+    # Siblings are alternatives: regenerated replies, or an edited user message.
+    parent_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
     # complete | streaming | stopped (stop requested) | incomplete (its instance died, or an

@@ -244,6 +244,8 @@ def _every_builder() -> list[str]:
         keys.conversation_buffer(conversation),
         keys.conversation_summary(conversation),
         keys.conversation_lock(conversation),
+        keys.reply_events(42),
+        keys.reply_stop(42),
     ]
 
 
@@ -257,6 +259,11 @@ def test_every_key_carries_exactly_one_hash_tag_right_after_the_prefix(key: str)
 def test_a_keys_loader_lock_lives_on_the_keys_slot(key: str) -> None:
     """`set_if_locked` runs one Lua script over a key and its lock: they must share a slot."""
     assert key_slot(keys.lock(key).encode()) == key_slot(key.encode())
+
+
+def test_a_reply_runs_keys_share_one_slot() -> None:
+    """The run log pipelines XADD on the stream with EXISTS on the stop key."""
+    assert key_slot(keys.reply_events(7).encode()) == key_slot(keys.reply_stop(7).encode())
 
 
 def test_a_conversations_keys_share_one_slot() -> None:

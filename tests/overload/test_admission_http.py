@@ -122,7 +122,7 @@ async def test_a_turn_refused_after_admission_gives_its_slot_back(
 async def test_a_turn_whose_client_leaves_holds_its_slot_until_the_reply_is_settled(
     client: httpx.AsyncClient, app_services: Services, provider: ScriptedProvider
 ) -> None:
-    release = asyncio.Semaphore(1)  # the first token goes out, the second waits
+    release = asyncio.Semaphore(1)  # the first token goes out, the next ones wait
     provider.queue(ScriptedReply("first second third", gate=release))
     conversation = (await create_conversation(client))["id"]
     gate = app_services.admission.turns  # type: ignore[union-attr]
@@ -131,18 +131,54 @@ async def test_a_turn_whose_client_leaves_holds_its_slot_until_the_reply_is_sett
             "POST", f"/v1/conversations/{conversation}/messages", json={"content": "Tell me"}
         ) as response:
             assert response.status_code == 200
+            message_id = 0
             async for event in iter_sse(response):
+                if event.event == "message":
+                    message_id = event.json()["message_id"]
                 if event.event == "token":
                     break
             assert gate.in_flight == 1
+    # The client has gone; the reply goes on (it runs apart from its request) and keeps the slot ...
+    assert app_services.runs.running(message_id)
+    assert gate.in_flight == 1
+    for _ in range(2):
+        release.release()  # ... until the model has finished it
     await wait_for(lambda: gate.in_flight == 0, what="the slot to be released")
 
     async def settled() -> bool:
         messages = await all_messages(client, conversation)
-        return len(messages) == 2 and messages[1]["status"] == "incomplete"
+        return len(messages) == 2 and messages[1]["status"] == "complete"
 
-    await wait_for(settled, what="the partial reply to be saved")
-    assert gate.in_flight == 0
+    await wait_for(settled, what="the reply to be finished without its client")
+    await wait_for(lambda: gate.in_flight == 0, what="the slot to be released")
+
+
+async def test_following_a_resumed_reply_holds_no_slot(
+    client: httpx.AsyncClient, app_services: Services, provider: ScriptedProvider
+) -> None:
+    release = asyncio.Semaphore(1)
+    provider.queue(ScriptedReply("first second third", gate=release))
+    conversation = (await create_conversation(client))["id"]
+    admission = app_services.admission
+    assert admission is not None
+    async with asyncio.timeout(DEADLINE):
+        async with client.stream(
+            "POST", f"/v1/conversations/{conversation}/messages", json={"content": "Tell me"}
+        ) as response:
+            first = await anext(iter_sse(response))
+            message_id = first.json()["message_id"]
+        url = f"/v1/conversations/{conversation}/messages/{message_id}/stream"
+        async with client.stream("GET", url) as resumed:
+            assert resumed.status_code == 200
+            events = iter_sse(resumed)
+            await anext(events)
+            assert admission.requests.in_flight == 0  # following is waiting, not work
+            assert admission.turns.in_flight == 1  # the reply itself still holds its turn slot
+            for _ in range(10):
+                release.release()
+            rest = [event.event async for event in events]
+    assert rest[-1] == "done"
+    await wait_for(lambda: admission.turns.in_flight == 0, what="the turn slot to be released")
 
 
 async def test_the_chat_completions_route_is_a_turn(server: LiveServer, api_key: str, app_services: Services) -> None:

@@ -17,6 +17,7 @@ from companion.runs.memory import MemoryRunLog
 from companion.runs.redis import RedisRunLog
 from tests.support.live import wait_for
 from tests.support.redis_proc import RedisProcess, running_redis
+from tests.support.redis_topologies import TOPOLOGIES, backend_on
 
 DEADLINE = 10.0
 TTL = 60.0
@@ -28,16 +29,26 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisProcess]:
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
-def log_server(request: pytest.FixtureRequest) -> RedisProcess | None:
-    """None for the in-process log; the private redis-server for the Redis one."""
+@pytest.fixture(params=["memory", "redis", *TOPOLOGIES])
+def log_server(request: pytest.FixtureRequest) -> RedisProcess | str | None:
+    """None for the in-process log; the private redis-server for the Redis one; "cluster" or
+    "sentinel" for the private Redis Cluster or Sentinel set."""
+    if request.param in TOPOLOGIES:
+        return str(request.param)
     return request.getfixturevalue("redis_server") if request.param == "redis" else None
 
 
 @pytest.fixture
-async def log(log_server: RedisProcess | None) -> AsyncIterator[RunLog]:
+async def log(log_server: RedisProcess | str | None, request: pytest.FixtureRequest) -> AsyncIterator[RunLog]:
     if log_server is None:
         yield MemoryRunLog(ttl_seconds=TTL)
+        return
+    if isinstance(log_server, str):
+        on_topology = backend_on(log_server, request)
+        try:
+            yield RedisRunLog(on_topology, ttl_seconds=TTL, running_ttl_seconds=600, max_entries=1000, poll_seconds=0.01)
+        finally:
+            await on_topology.aclose()
         return
     server = log_server
     backend = RedisBackend(make_client(server.url))

@@ -14,6 +14,7 @@ const state = {
   streaming: false,
   reply: null, // the reply streaming now: {conversationId, messageId, lastId, ended}
   editing: null, // name of the personality being edited
+  promptTokens: 0, // the newest reply's prompt size: how full the context is
 };
 
 class ApiError extends Error {
@@ -310,6 +311,13 @@ function renderPersonalityList() {
   list.replaceChildren();
   for (const p of state.personalities) {
     const actions = el("div", { className: "row" }, [button("Chat", () => choosePersonality(p.name), "primary small")]);
+    actions.append(
+      el("a", {
+        className: "button ghost small export-card",
+        text: "Export card",
+        attrs: { href: `/v1/personalities/${encodeURIComponent(p.name)}/export`, download: "" },
+      }),
+    );
     if (p.scope === "user") {
       actions.append(
         button("Edit", () => editPersonality(p)),
@@ -406,6 +414,14 @@ function markActiveConversation(id) {
 
 function setChatHeader() {
   const name = state.conversation ? state.conversation.personality : state.draft;
+  $("conversation-tools").hidden = !state.conversation;
+  if (state.conversation) {
+    const base = `/v1/conversations/${state.conversation.id}/export`;
+    $("export-json").href = base;
+    $("export-json").download = `conversation-${state.conversation.id}.json`;
+    $("export-markdown").href = `${base}?format=markdown`;
+    $("export-markdown").download = `conversation-${state.conversation.id}.md`;
+  }
   $("title").textContent = name ? displayName(name) : "New chat";
   $("subtitle").textContent = state.conversation ? state.conversation.title || "" : name ? "New conversation" : "";
 }
@@ -423,6 +439,15 @@ function newChat() {
 }
 
 function choosePersonality(name) {
+  if (hasGreeting(name)) {
+    // A character card's greeting opens the conversation: create it now and show the greeting.
+    guarded(async () => {
+      const created = await api.post("/v1/conversations", { personality: name });
+      await loadConversations();
+      await openConversation(created.id);
+    })();
+    return;
+  }
   newChat();
   state.draft = name;
   $("picker").hidden = true;
@@ -474,7 +499,7 @@ const STATUS_NOTES = {
   error: "The model failed while answering.",
 };
 
-function messageItem(role, content, status = "complete") {
+function messageItem(role, content, status = "complete", message = null) {
   const name = state.conversation ? state.conversation.personality : state.draft;
   const text = el("div", { className: "text", text: content });
   const bubble = el("div", { className: "bubble" }, [text]);
@@ -483,7 +508,154 @@ function messageItem(role, content, status = "complete") {
     bubble,
   ]);
   if (STATUS_NOTES[status]) bubble.append(el("p", { className: "status-note", text: STATUS_NOTES[status] }));
+  if (message) {
+    item.dataset.id = message.id;
+    bubble.append(messageTools(item, message));
+  }
   return item;
+}
+
+// Swipe between alternatives, regenerate a reply, edit one of your messages; token usage.
+function messageTools(item, m) {
+  const tools = el("div", { className: "message-tools" });
+  const siblings = m.siblings || [m.id];
+  if (siblings.length > 1) {
+    const at = siblings.indexOf(m.id);
+    const noun = m.role === "user" ? "version" : "reply";
+    const go = (index) => guarded(() => activate(siblings[index]));
+    tools.append(
+      button("‹", go(at - 1), "ghost small swipe-prev", { "aria-label": `Previous ${noun}`, ...(at === 0 ? { disabled: "" } : {}) }),
+      el("span", { className: "swipe-count", text: `${at + 1}/${siblings.length}` }),
+      button("›", go(at + 1), "ghost small swipe-next", {
+        "aria-label": `Next ${noun}`,
+        ...(at === siblings.length - 1 ? { disabled: "" } : {}),
+      }),
+    );
+  }
+  if (m.role === "assistant" && m.parent_id !== null) {
+    tools.append(button("Regenerate", guarded(() => regenerate(item, m)), "ghost small regenerate"));
+  }
+  if (m.role === "user") tools.append(button("Edit", () => startEdit(item, m), "ghost small edit"));
+  if (m.role === "assistant" && m.prompt_tokens !== null && m.prompt_tokens !== undefined) {
+    tools.append(el("span", { className: "token-note", text: `${m.prompt_tokens + m.completion_tokens} tokens` }));
+  }
+  return tools;
+}
+
+function removeFrom(item) {
+  while (item.nextSibling) item.nextSibling.remove();
+  item.remove();
+}
+
+async function activate(messageId) {
+  if (state.streaming) return;
+  await api.post(`/v1/conversations/${state.conversation.id}/messages/${messageId}/activate`);
+  await loadMessages();
+}
+
+async function regenerate(item, m) {
+  if (state.streaming) return;
+  setStreaming(true);
+  try {
+    removeFrom(item);
+    await streamReply(state.conversation.id, null, `/v1/conversations/${state.conversation.id}/messages/${m.id}/regenerate`, {});
+  } finally {
+    setStreaming(false);
+    await refreshThread();
+  }
+}
+
+function startEdit(item, m) {
+  if (state.streaming) return;
+  const bubble = item.querySelector(".bubble");
+  const box = el("textarea", { className: "edit-box", attrs: { "aria-label": "Edit your message", maxlength: "8000" } });
+  box.value = m.content;
+  const save = button("Send edit", guarded(() => sendEdit(item, m, box.value.trim())), "primary small edit-send");
+  const cancel = button("Cancel", () => loadMessages().catch(showError), "ghost small");
+  bubble.replaceChildren(box, el("div", { className: "row" }, [save, cancel]));
+  box.focus();
+}
+
+async function sendEdit(item, m, content) {
+  if (!content || state.streaming) return;
+  setStreaming(true);
+  try {
+    removeFrom(item);
+    $("messages").append(messageItem("user", content));
+    await streamReply(state.conversation.id, content, `/v1/conversations/${state.conversation.id}/messages/${m.id}/edit`);
+  } finally {
+    setStreaming(false);
+    await refreshThread();
+  }
+}
+
+// The messages again (with their ids and alternatives), the usage, and the sidebar's titles.
+async function refreshThread() {
+  if (!state.conversation) return;
+  await loadMessages().catch(showError);
+  if (state.csrf) loadConversations().catch(showError);
+}
+
+// --- usage ---------------------------------------------------------------------------------------
+
+async function loadUsage() {
+  const usage = await api.get("/v1/usage?days=1&months=1");
+  const parts = [];
+  if (state.conversation && state.promptTokens) {
+    parts.push(`Context ${Math.min(100, Math.round((100 * state.promptTokens) / usage.context_tokens))}% full`);
+  }
+  const today = usage.days[usage.days.length - 1].total_tokens;
+  const daily = usage.quotas.find((q) => q.window === "daily");
+  const monthly = usage.quotas.find((q) => q.window === "monthly");
+  parts.push(`${today.toLocaleString()} tokens today`);
+  if (daily) parts.push(`${daily.remaining.toLocaleString()} left today`);
+  if (monthly) parts.push(`${monthly.remaining.toLocaleString()} left this month`);
+  $("usage").textContent = parts.join(" · ");
+  $("usage").hidden = false;
+}
+
+// --- import and export ---------------------------------------------------------------------------
+
+async function upload(path, file) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method: "POST",
+      headers: { ...headersFor("POST", false), "Content-Type": file.type || "application/octet-stream" },
+      body: file,
+      credentials: "same-origin",
+    });
+  } catch {
+    throw new ApiError(0, "Cannot reach the server. Check your connection and try again.", "network");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
+async function importCard(file) {
+  const created = await upload("/v1/personalities/import", file);
+  await loadPersonalities();
+  flash(`Imported ${created.display_name}.`);
+}
+
+async function importChats(file) {
+  const created = await upload("/v1/conversations/import", file);
+  await loadConversations();
+  flash(`Imported ${created.length} conversation${created.length === 1 ? "" : "s"}.`);
+  if (created.length) await openConversation(created[0].id);
+}
+
+function flash(message) {
+  $("notice").textContent = message;
+  $("notice").hidden = false;
+  setTimeout(() => {
+    if ($("notice").textContent === message) $("notice").hidden = true;
+  }, 4000);
+}
+
+function hasGreeting(name) {
+  const found = personality(name);
+  return Boolean(found && found.card && (found.card.data.first_mes || (found.card.data.alternate_greetings || []).length));
 }
 
 function settleItem(item, status) {
@@ -500,7 +672,10 @@ function scrollToEnd() {
 
 async function loadMessages() {
   const page = await api.get(`/v1/conversations/${state.conversation.id}/messages?limit=100`);
-  $("messages").replaceChildren(...page.data.map((m) => messageItem(m.role, m.content, m.status)));
+  $("messages").replaceChildren(...page.data.map((m) => messageItem(m.role, m.content, m.status, m)));
+  const replies = page.data.filter((m) => m.role === "assistant" && m.prompt_tokens !== null);
+  state.promptTokens = replies.length ? replies[replies.length - 1].prompt_tokens : 0;
+  loadUsage().catch(() => {});
   state.oldestMessageId = page.data.length ? page.data[0].id : null;
   $("load-earlier").hidden = !page.has_more;
   $("thread-empty").textContent = `Say hello to ${displayName(state.conversation.personality)}.`;
@@ -527,7 +702,7 @@ async function loadMessages() {
 async function loadEarlier() {
   const id = state.conversation.id;
   const page = await api.get(`/v1/conversations/${id}/messages?limit=100&before=${state.oldestMessageId}`);
-  $("messages").prepend(...page.data.map((m) => messageItem(m.role, m.content, m.status)));
+  $("messages").prepend(...page.data.map((m) => messageItem(m.role, m.content, m.status, m)));
   if (page.data.length) state.oldestMessageId = page.data[0].id;
   $("load-earlier").hidden = !page.has_more;
 }
@@ -579,20 +754,20 @@ async function sendMessage() {
     await streamReply(state.conversation.id, content);
   } finally {
     setStreaming(false);
-    if (state.csrf) loadConversations().catch(showError);
+    await refreshThread();
   }
 }
 
-async function streamReply(conversationId, content) {
+async function streamReply(conversationId, content, path = null, body = { content }) {
   const reply = messageItem("assistant", "", "streaming");
   $("messages").append(reply);
   scrollToEnd();
   let response;
   try {
-    response = await fetch(`/v1/conversations/${conversationId}/messages`, {
+    response = await fetch(path || `/v1/conversations/${conversationId}/messages`, {
       method: "POST",
       headers: { ...headersFor("POST", true), Accept: "text/event-stream" },
-      body: JSON.stringify({ content }),
+      body: JSON.stringify(body),
       credentials: "same-origin",
     });
   } catch {
@@ -788,6 +963,24 @@ function wire() {
   $("memory-search").addEventListener("submit", guarded(loadMemories));
   $("memory-refresh").addEventListener("click", guarded(loadMemories));
   $("forget-all").addEventListener("click", guarded(forgetEverything));
+  $("import-card").addEventListener("click", () => $("card-file").click());
+  $("card-file").addEventListener(
+    "change",
+    guarded(async () => {
+      const file = $("card-file").files[0];
+      $("card-file").value = "";
+      if (file) await importCard(file);
+    }),
+  );
+  $("import-chats").addEventListener("click", () => $("chats-file").click());
+  $("chats-file").addEventListener(
+    "change",
+    guarded(async () => {
+      const file = $("chats-file").files[0];
+      $("chats-file").value = "";
+      if (file) await importChats(file);
+    }),
+  );
 }
 
 async function boot() {

@@ -2,7 +2,7 @@
 a live instance can settle the replies of an instance that died
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-11-29
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from companion.storage.models import UTCDateTime
 
 revision = "0008"
-down_revision = "0005"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
