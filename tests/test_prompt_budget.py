@@ -83,6 +83,7 @@ MEMORIES = [  # 15 to 18 tokens each as stored ("The user plays the cello every 
     ("budget", "lines"),
     [
         (0, 0),  # no memory fits: no memory section at all
+        (20, 1),  # any one fits (at most 18 tokens), no two do (at least 32)
         (40, 2),  # any two fit (at most 36 tokens), no three do (at least 47)
     ],
 )
