@@ -4,6 +4,7 @@
     python -m bench --quick              # under a minute, fewer and shorter rounds, .bench/quick.md
     python -m bench --only cache,context # some groups (the report then holds only those)
     python -m bench --profile            # also write profiles of the target rows to .bench/profiles/
+    python -m bench --only memory-eval   # the long-term memory evaluation (bench/memory_eval.py)
 
 Needs PostgreSQL (a database `companion_bench_*` is created and dropped) and redis-server (a private
 one is started on a free port); installs: `pip install -e '.[bench]'`.
@@ -21,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-GROUPS = ("cache", "context", "http", "model", "growth")
+GROUPS = ("cache", "context", "http", "model", "growth", "overload", "redis", "memory-eval")
 REQUIRED = {"matplotlib": "matplotlib", "limits": "limits"}
 
 
@@ -63,7 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from bench import cache, context, growth, http, model
+    from bench import cache, context, growth, http, memory_eval, model, overload, redis_scaling
     from bench.env import DEFAULT_PG_ADMIN_DSN, BenchEnv, machine, versions
     from bench.harness import Budget, progress
     from bench.report import Outcome, Report, write_report
@@ -81,6 +82,9 @@ async def run(args: argparse.Namespace) -> int:
         "http": lambda env: http.run(env, quick=args.quick, workers=args.workers, profile=args.profile),
         "model": lambda env: model.run(env, quick=args.quick),
         "growth": lambda env: growth.run(env, budget, quick=args.quick),
+        "overload": lambda env: overload.run(env, quick=args.quick),
+        "redis": lambda env: redis_scaling.run(env, budget, quick=args.quick),
+        "memory-eval": memory_eval.run,
     }
     outcome = Outcome()
     async with BenchEnv(pg_admin_dsn=args.pg_dsn or DEFAULT_PG_ADMIN_DSN) as env:

@@ -7,6 +7,8 @@ the Python load generator; `bench.loadgen` for the streamed chat replies), all o
 - chat: time to the first streamed chunk of a reply (`event: token`) with the scripted LLM, which
   answers at once, so the figure is the service's own overhead: authentication, rate limit, storing
   the user's message, context assembly, the first token's row; at 1, 10 and 100 concurrent streams.
+- resume: time from `GET .../messages/{id}/stream` with `Last-Event-ID` to its first replayed event,
+  on the server that generated the reply (its in-process log) and on another one (the Redis Stream).
 """
 
 from __future__ import annotations
@@ -100,14 +102,14 @@ class Target:
     conversation: str
 
 
-async def prepare_targets(env: BenchEnv, streams: int) -> list[Target]:
-    """One conversation per stream, spread over users (ten streams per user)."""
+async def prepare_targets(env: BenchEnv, streams: int, *, per_user: int = 10, prefix: str = "bench-http") -> list[Target]:
+    """One conversation per stream, spread over users (`per_user` streams per user)."""
     services = await env.services(redis=True)
     targets: list[Target] = []
     try:
         for index in range(streams):
-            if index % 10 == 0:
-                user = await services.users.create(f"bench-http-{index // 10}")
+            if index % per_user == 0:
+                user = await services.users.create(f"{prefix}-{index // per_user}")
             seeded = await seed.conversation(services.database, user.id, messages=4)
             targets.append(Target(user.api_key, str(seeded.conversation.id)))
     finally:
@@ -116,13 +118,20 @@ async def prepare_targets(env: BenchEnv, streams: int) -> list[Target]:
 
 
 async def chat_load(
-    server: Server, targets: list[Target], *, warmup: float, duration: float, profile_to: Path | None = None
+    server: Server,
+    targets: list[Target],
+    *,
+    warmup: float,
+    duration: float,
+    profile_to: Path | None = None,
+    retry_after: bool = True,
 ) -> dict[str, Any]:
     job = {
         "host": "127.0.0.1",
         "port": server.port,
         "warmup": warmup,
         "duration": duration,
+        "retry_after": retry_after,
         "streams": [{"key": t.key, "conversation": t.conversation} for t in targets],
     }
     process = await asyncio.create_subprocess_exec(
@@ -261,6 +270,38 @@ async def python_read_load(url: str, key: str, seconds: float) -> Stats:
     return Stats(stats.p50_us, stats.p99_us, len(data["s"]) / data["el"], len(data["s"]))
 
 
+async def resume_latency(origin: Server, other: Server, target: Target, count: int) -> dict[str, Stats]:
+    """Per round: a reply is asked for on `origin` and its stream closed after the first event (the
+    reply goes on without it), then resumed after that event on `origin` and on `other`; each time is
+    from sending the resume request to receiving its first replayed event."""
+    clock = time.perf_counter_ns
+    samples: dict[str, list[int]] = {"same": [], "other": []}
+    headers = {"Authorization": f"Bearer {target.key}"}
+    path = f"/v1/conversations/{target.conversation}/messages"
+
+    async def first_data(response: httpx.Response) -> dict[str, Any]:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                return json.loads(line[5:])  # type: ignore[no-any-return]
+        raise RuntimeError("the stream ended without an event")
+
+    async with httpx.AsyncClient(headers=headers, timeout=30) as client:
+        for index in range(count + 5):  # the first 5 warm up
+            async with client.stream("POST", origin.base_url + path, json={"content": f"Resume me ({index})"}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"POST answered {r.status_code}: {(await r.aread())[:300]!r}")
+                message_id = (await first_data(r))["message_id"]
+            for name, server in (("same", origin), ("other", other)):
+                started = clock()
+                async with client.stream(
+                    "GET", f"{server.base_url}{path}/{message_id}/stream", headers={"Last-Event-ID": "0"}
+                ) as r:
+                    await first_data(r)
+                if index >= 5:
+                    samples[name].append(clock() - started)
+    return {name: summarize(values) for name, values in samples.items()}
+
+
 def server_environment(env: BenchEnv, **overrides: str) -> dict[str, str]:
     base = {
         # Limits stay on (the check is part of every request) but high enough never to refuse.
@@ -350,8 +391,23 @@ async def run(env: BenchEnv, *, quick: bool, workers: int, profile: bool = False
                     progress(f"profile written to {summary}")
         finally:
             server.stop()
+    origin = Server(server_environment(env), workers=1, cwd=env.workdir)
+    other = Server(server_environment(env), workers=1, cwd=env.workdir)
+    progress("http: resume, two servers")
+    await origin.start()
+    try:
+        await other.start()
+        resume = await resume_latency(origin, other, targets[0], 50 if quick else 300)
+    finally:
+        origin.stop()
+        other.stop()
+    progress(
+        f"http: resume p50 {format_us(resume['same'].p50_us)} (same server), "
+        f"{format_us(resume['other'].p50_us)} (another server, Redis)"
+    )
     outcome.sections.append(_read_section(read_rows, workers))
     outcome.sections.append(_chat_section(chat, concurrency, workers, outcome.figures))
+    outcome.sections.append(_resume_section(resume, outcome.figures))
     labels = {
         "begin": "`ChatService.begin`: checks, turn lock, the user's message stored, context assembled",
         "first": "to the first token (the reply's row is created before it is sent)",
@@ -364,6 +420,23 @@ async def run(env: BenchEnv, *, quick: bool, workers: int, profile: bool = False
     )
     outcome.figures["chat.in_process.first.p50_us"] = in_process["first"].p50_us
     return outcome
+
+
+def _resume_section(resume: dict[str, Stats], figures: dict[str, float]) -> Section:
+    labels = {
+        "same": "on the server generating the reply (its in-process run log)",
+        "other": "on another server (the reply's Redis Stream)",
+    }
+    for name, stats in resume.items():
+        figures[f"http.resume.{name}.p50_us"] = stats.p50_us
+    return Section(
+        title="HTTP: resuming a reply",
+        intro="Time from sending `GET /v1/conversations/{id}/messages/{message_id}/stream` with `Last-Event-ID` "
+        "to receiving its first replayed event, one client on a keep-alive connection per server, two servers "
+        "(one worker each) sharing the database and Redis. The scripted LLM answers at once, so most replies "
+        "have ended by then: this is the replay path (goal: p50 under 20 ms with Redis).",
+        tables=[latency_table([Row(labels[k], v) for k, v in resume.items()], first="resume served", note="")],
+    )
 
 
 def _read_section(rows: list[list[str]], workers: int) -> Section:

@@ -2,12 +2,17 @@
 shares a CPU budget or an event loop with the server it measures.
 
 It reads a JSON job on stdin: {"host", "port", "streams": [{"key", "conversation"}, ...],
-"warmup": seconds, "duration": seconds}. Each stream is one keep-alive HTTP/1.1 connection sending
-chat messages back to back into its own conversation (turns in one conversation are serialized by the
-service, so concurrent streams need their own). Per request it records the time to the first
-response byte, to the first `event: token` of the SSE reply (the first streamed chunk) and to the
-end of the reply. It writes JSON on stdout: {"ttfb_ns", "ttft_ns", "total_ns", "errors", "elapsed"},
-for requests that started after the warm-up and before the end of the measured window.
+"warmup": seconds, "duration": seconds, "retry_after": bool (default true), "request_timeout": seconds
+(default 60)}. Each stream is one keep-alive HTTP/1.1
+connection sending chat messages back to back into its own conversation (turns in one conversation
+are serialized by the service, so concurrent streams need their own). Per request it records the
+time to the first response byte, to the first `event: token` of the SSE reply (the first streamed
+chunk) and to the end of the reply. A 503 `overloaded` answer is counted as shed; with
+`retry_after` the stream then waits as its Retry-After header says, as a well-behaved client does.
+It writes JSON on stdout: {"ttfb_ns", "ttft_ns", "total_ns", "errors", "shed", "outcomes",
+"elapsed"}, for requests that started after the warm-up and before the end of the measured window;
+`errors` counts every answer but a reply (shed ones included), `outcomes` each kind of answer
+("200", "503 overloaded", "503 database_unavailable", "connection", ...).
 """
 
 from __future__ import annotations
@@ -16,9 +21,22 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 TOKEN = b"event: token"
+
+
+class Refused(Exception):
+    """A complete answer other than a streamed reply: its status, error code and Retry-After."""
+
+    def __init__(self, status: int, code: str, retry_after: float) -> None:
+        super().__init__(f"HTTP {status} {code}")
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+    @property
+    def outcome(self) -> str:
+        return f"{self.status} {self.code}".strip()
 
 
 class Stream:
@@ -61,7 +79,14 @@ class Stream:
                 if not first_token and TOKEN in chunk:
                     first_token = clock()
         else:
-            await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
+            body = await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
+            if status != 200:
+                code = ""
+                try:
+                    code = str(json.loads(body)["error"]["code"])
+                except (ValueError, KeyError, TypeError):
+                    pass
+                raise Refused(status, code, float(headers.get(b"retry-after", b"0") or 0))
         if status != 200 or not first_token:
             raise RuntimeError(f"HTTP {status}")
         return first_byte - started, first_token - started, clock() - started
@@ -86,6 +111,9 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     ttft: list[int] = []
     total: list[int] = []
     errors = 0
+    outcomes: Counter[str] = Counter()
+    honor_retry_after = bool(job.get("retry_after", True))
+    request_timeout = float(job.get("request_timeout", 60.0))
 
     async def drive(index: int, stream: Stream) -> None:
         nonlocal errors
@@ -93,14 +121,32 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         while (now := loop.time()) < stop_at:
             number += 1
             try:
-                first_byte, first_token, whole = await stream.request(index * 1_000_000 + number)
-            except (OSError, RuntimeError, ValueError, IndexError, asyncio.IncompleteReadError):
+                async with asyncio.timeout(request_timeout):
+                    first_byte, first_token, whole = await stream.request(index * 1_000_000 + number)
+            except Refused as refused:
                 if now >= measure_from:
                     errors += 1
+                    outcomes[refused.outcome] += 1
+                if honor_retry_after and refused.retry_after > 0:
+                    await asyncio.sleep(min(refused.retry_after, max(stop_at - loop.time(), 0.0)))
+                    if refused.retry_after >= 2:
+                        # The server closes keep-alive connections idle for 5 s (uvicorn's default):
+                        # a client coming back later opens a new one, as HTTP clients do.
+                        await stream.close()
+                        await stream.connect()
+                continue
+            except (OSError, RuntimeError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
+                if now >= measure_from:
+                    errors += 1
+                    if isinstance(error, TimeoutError):
+                        outcomes["no answer in time"] += 1
+                    else:
+                        outcomes[str(error) if isinstance(error, RuntimeError) else "connection"] += 1
                 await stream.close()
                 await stream.connect()
                 continue
             if now >= measure_from:
+                outcomes["200"] += 1
                 ttfb.append(first_byte)
                 ttft.append(first_token)
                 total.append(whole)
@@ -114,6 +160,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         "ttft_ns": ttft,
         "total_ns": total,
         "errors": errors,
+        "shed": outcomes["503 overloaded"],
+        "outcomes": dict(outcomes),
         "elapsed": loop.time() - measure_from,
     }
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import numpy as np
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import aliased
 
 from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut
@@ -59,8 +60,22 @@ async def conversation(
     async with database.session() as session:
         for chunk in range(0, len(rows), 2000):
             await session.execute(insert(Message), rows[chunk : chunk + 2000])
+        # A straight line: each message follows the one before it, the newest ends the active path.
+        earlier = aliased(Message)
         await session.execute(
-            update(Conversation).where(Conversation.id == created.id).values(updated_at=rows[-1]["created_at"])
+            update(Message)
+            .where(Message.conversation_id == created.id)
+            .values(
+                parent_id=select(func.max(earlier.id))
+                .where(earlier.conversation_id == created.id, earlier.id < Message.id)
+                .scalar_subquery()
+            )
+        )
+        newest_id = select(func.max(Message.id)).where(Message.conversation_id == created.id).scalar_subquery()
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == created.id)
+            .values(updated_at=rows[-1]["created_at"], head_id=newest_id)
         )
     if summary_window and messages > summary_window:
         departed = messages - summary_window

@@ -60,6 +60,24 @@ def verdicts(figures: dict[str, float]) -> list[Verdict]:
                 _judge(ttfb is not None and ttfb <= 3000, ttfb),
             )
         )
+
+    resume = _get(figures, "http.resume.other.p50_us")
+    found.append(
+        Verdict(
+            "resume request to its first replayed event, through another server (Redis): p50 < 20 ms",
+            format_us(resume),
+            _judge(resume is not None and resume < 20_000, resume),
+        )
+    )
+    for key, label, goal, at_least in (
+        ("memory_eval.recall@10", "memory evaluation, evidence recall@10 ≥ 0.85", 0.85, True),
+        ("memory_eval.recall@5", "memory evaluation, evidence recall@5 ≥ 0.75", 0.75, True),
+        ("memory_eval.disclosures@3", "everyday self-disclosures recall@3 ≥ 0.95", 0.95, True),
+        ("memory_eval.false_memory_rate", "false memories from small talk ≤ 10%", 0.10, False),
+    ):
+        value = _get(figures, key)
+        met = value is not None and (value >= goal if at_least else value <= goal)
+        found.append(Verdict(label, "n/a" if value is None else f"{value:.3f}", _judge(met, value)))
     return found
 
 

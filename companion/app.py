@@ -11,8 +11,11 @@ from fastapi import FastAPI
 
 from companion import __version__
 from companion.api import (
+    admission,
+    branches,
     conversations,
     health,
+    interchange,
     memories,
     metrics,
     openai_compat,
@@ -54,9 +57,22 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, larger=interchange.UPLOAD_LIMITS)
     app.add_middleware(RateLimitMiddleware)
-    for module in (health, metrics, personalities, preferences, conversations, memories, sessions, openai_compat):
+    app.add_middleware(admission.AdmissionMiddleware)  # outermost: a busy worker refuses before any work
+    # interchange and branches before conversations: /v1/conversations/export is not a conversation id.
+    for module in (
+        health,
+        metrics,
+        interchange,
+        branches,
+        personalities,
+        preferences,
+        conversations,
+        memories,
+        sessions,
+        openai_compat,
+    ):
         app.include_router(module.router)
     web.install(app)  # the chat page at /
     logging.getLogger("companion").setLevel(settings.log_level)

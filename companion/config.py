@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("")
     database_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    # How long a request may wait for a pooled connection when all are in use: past it the answer
+    # is 503 `overloaded` (busy), not "database unavailable". Longer than the connect timeout.
+    database_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
     auto_migrate: bool = True
 
@@ -40,6 +43,13 @@ class Settings(BaseSettings):
     redis_health_check_interval_seconds: int = Field(default=15, ge=0, le=3600)
     redis_breaker_failures: int = Field(default=3, ge=1, le=1000)
     redis_breaker_reset_seconds: float = Field(default=2.0, gt=0, le=600)
+    # Topology (companion/cache/topology.py): auto detects a cluster at start from REDIS_URL's server.
+    redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
+    # Sentinel mode: "host:port,host:port,..." and the monitored primary's name. REDIS_URL then gives
+    # only the credentials, TLS options and database for the primary (its host and port are ignored).
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None  # for sentinels with their own requirepass
 
     cache_personality_ttl_seconds: float = Field(default=3600, gt=0)
     cache_preferences_ttl_seconds: float = Field(default=300, gt=0)
@@ -89,6 +99,20 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=8000, ge=1, le=200_000)
     max_request_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
     stream_flush_interval_seconds: float = Field(default=0.25, gt=0, le=10)
+    # Reply runs (companion/chat/runs.py): a streaming reply's heartbeat, how long without one
+    # before another instance settles it `incomplete`, and how long its events stay in Redis.
+    reply_heartbeat_seconds: float = Field(default=2.0, gt=0, le=60)
+    reply_stale_seconds: float = Field(default=10.0, gt=0, le=3600)
+    reply_events_ttl_seconds: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    reply_events_max_entries: int = Field(default=10_000, ge=10, le=1_000_000)
+
+    # Admission control, per worker (docs/deployment.md: sizing): concurrent chat turns and other
+    # requests, the queue in front of each, and the longest wait in it; past that, 503 `overloaded`.
+    admission_max_turns: int = Field(default=16, ge=1, le=100_000)
+    admission_turn_queue: int = Field(default=128, ge=0, le=100_000)
+    admission_max_requests: int = Field(default=64, ge=1, le=100_000)
+    admission_request_queue: int = Field(default=256, ge=0, le=100_000)
+    admission_queue_timeout_seconds: float = Field(default=5.0, ge=0, le=600)
 
     memory_enabled: bool = True
     memory_extractor: Literal["auto", "rules", "llm", "both"] = "auto"
@@ -143,10 +167,32 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_host_ports(cls, value: str) -> str:
+        for entry in filter(None, (item.strip() for item in value.split(","))):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port[,host:port...]")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_mode_needs_sentinels(self) -> Settings:
+        if self.redis_enabled and self.redis_mode == "sentinel" and not self.redis_sentinels.strip():
+            raise ValueError("REDIS_MODE=sentinel needs REDIS_SENTINELS=host:port[,host:port...]")
+        return self
+
     @model_validator(mode="after")
     def _provider_needs(self) -> Settings:
         if self.llm_provider == "openai" and not self.llm_base_url and self.llm_api_key is None:
             raise ValueError("LLM_PROVIDER=openai needs LLM_BASE_URL (a compatible server) or LLM_API_KEY (OpenAI)")
+        return self
+
+    @model_validator(mode="after")
+    def _pool_wait_outlasts_connect(self) -> Settings:
+        # A wait shorter than a connect would report a busy pool as an outage (or the reverse).
+        if self.database_pool_timeout_seconds <= self.database_connect_timeout_seconds:
+            raise ValueError("DATABASE_POOL_TIMEOUT_SECONDS must be longer than DATABASE_CONNECT_TIMEOUT_SECONDS")
         return self
 
     @property

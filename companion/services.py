@@ -6,7 +6,6 @@ Only this module and the CLI choose concrete backends; everything else receives 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 from companion.cache.backend import CacheBackend
 from companion.cache.breaker import CircuitBreaker
@@ -14,9 +13,11 @@ from companion.cache.invalidation import InvalidationListener
 from companion.cache.local import LocalCache
 from companion.cache.memory import MemoryBackend
 from companion.cache.memory_search import MemorySearchCache
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import TieredCache
+from companion.cache.topology import RedisOptions, distrust_after_failover, make_topology
 from companion.chat.context import ContextAssembler
+from companion.chat.runs import ReplyRuns
 from companion.chat.service import ChatLimits, ChatService
 from companion.chat.summary import Summarizer
 from companion.config import Settings
@@ -30,11 +31,16 @@ from companion.memory.embedder import Embedder, OnnxEmbedder
 from companion.memory.pgvector import PgVectorStore, pgvector_ready
 from companion.memory.service import MemoryConfig, MemoryService
 from companion.memory.store import SqlVectorStore
+from companion.overload.admission import Admission
+from companion.overload.loop import LoopMonitor
 from companion.personalities.cached import CachedPersonalityService
 from companion.preferences.cached import CachedPreferenceService
 from companion.ratelimit.limiter import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from companion.ratelimit.policy import RateLimitService
 from companion.ratelimit.quotas import TokenQuotas
+from companion.runs.log import RunLog
+from companion.runs.memory import MemoryRunLog
+from companion.runs.redis import RedisRunLog
 from companion.sessions.service import SessionService
 from companion.storage import migrate
 from companion.storage.database import Database
@@ -60,8 +66,11 @@ class Services:
     buffer: ConversationBuffer
     rate_limits: RateLimitService
     quotas: TokenQuotas
+    runs: ReplyRuns
     redis: RedisBackend | None = None
     listener: InvalidationListener | None = None
+    admission: Admission | None = None
+    loop: LoopMonitor | None = None
 
     @classmethod
     def build(
@@ -72,11 +81,23 @@ class Services:
         clock: Clock = utcnow,
         embedder: Embedder | None = None,
     ) -> Services:
+        # Overload (docs/deployment.md): how late our own loop runs, so that no timeout blames a
+        # dependency for it, and admission control in front of the work.
+        loop = LoopMonitor()
+        admission = Admission.build(
+            max_turns=settings.admission_max_turns,
+            turn_queue=settings.admission_turn_queue,
+            max_requests=settings.admission_max_requests,
+            request_queue=settings.admission_request_queue,
+            queue_timeout=settings.admission_queue_timeout_seconds,
+        )
         database = Database(
             settings.resolved_database_url,
             connect_timeout=settings.database_connect_timeout_seconds,
             pool_size=settings.database_pool_size,
+            pool_timeout=settings.database_pool_timeout_seconds,
             sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            loop=loop,
         )
         provider = provider or build_provider(settings)
         redis_backend: RedisBackend | None = None
@@ -84,20 +105,22 @@ class Services:
         backend: CacheBackend
         local = LocalCache(max_entries=settings.cache_local_max_entries)
         if settings.redis_enabled:
-            client = make_client(
-                settings.redis_url.get_secret_value(),
-                socket_timeout_ms=settings.redis_socket_timeout_ms,
-                connect_timeout_ms=settings.redis_connect_timeout_ms,
-                retries=settings.redis_retries,
-                max_connections=settings.redis_max_connections,
-                health_check_interval=settings.redis_health_check_interval_seconds,
-            )
+            # Standalone, cluster or sentinel (REDIS_MODE): nothing below this line knows which.
+            topology = make_topology(RedisOptions.from_settings(settings))
             breaker = CircuitBreaker(
                 failure_threshold=settings.redis_breaker_failures, reset_seconds=settings.redis_breaker_reset_seconds
             )
-            backend = redis_backend = RedisBackend(client, breaker=breaker)
+            backend = redis_backend = RedisBackend(
+                topology.client,
+                breaker=breaker,
+                topology=topology,
+                loop=loop,
+                timeout=settings.redis_socket_timeout_ms / 1000,
+            )
             cache = TieredCache(backend, local=local)
-            listener = InvalidationListener(client, cache)
+            listener = InvalidationListener(topology, cache)
+            if topology.mode != "standalone":
+                redis_backend.on_recovery.append(distrust_after_failover(redis_backend, cache))
             redis_backend.on_recovery.append(cache.replay_pending)
             sessions = SessionService(
                 backend, fallback=MemoryBackend(), ttl_seconds=settings.session_ttl_seconds, clock=clock
@@ -218,7 +241,25 @@ class Services:
                 repeat_penalty=settings.llm_repeat_penalty,
                 flush_interval_seconds=settings.stream_flush_interval_seconds,
                 memory_tokens=settings.memory_token_budget,
+                heartbeat_seconds=settings.reply_heartbeat_seconds,
             ),
+        )
+        shared_runs: RunLog | None = None
+        if redis_backend is not None:
+            shared_runs = RedisRunLog(
+                redis_backend,
+                ttl_seconds=settings.reply_events_ttl_seconds,
+                max_entries=settings.reply_events_max_entries,
+            )
+        runs = ReplyRuns(
+            chat,
+            conversations,
+            local=MemoryRunLog(ttl_seconds=min(settings.reply_events_ttl_seconds, 300.0)),
+            shared=shared_runs,
+            flush_seconds=settings.stream_flush_interval_seconds,
+            heartbeat_seconds=settings.reply_heartbeat_seconds,
+            stale_seconds=settings.reply_stale_seconds,
+            clock=clock,
         )
         return cls(
             settings=settings,
@@ -235,20 +276,26 @@ class Services:
             memories=memories,
             rate_limits=rate_limits,
             quotas=quotas,
+            runs=runs,
             summarizer=summarizer,
             buffer=buffer,
             redis=redis_backend,
             listener=listener,
+            admission=admission,
+            loop=loop,
         )
 
     async def start(self, *, load_model: bool = True) -> None:
-        """Migrate (if AUTO_MIGRATE), seed the global personalities, recover interrupted replies,
-        and load the model. Raises ServiceUnavailable if the database cannot be reached."""
+        """Migrate (if AUTO_MIGRATE), seed the global personalities, settle the replies whose server
+        died and start watching for more, and load the model. Raises ServiceUnavailable if the
+        database cannot be reached."""
+        if self.loop is not None:
+            self.loop.start()
         if self.settings.auto_migrate:
             await migrate.upgrade(self.database)
         await self._choose_vector_store()
         await self.personalities.ensure_builtins()
-        await self.conversations.recover_interrupted(older_than=self.clock() - timedelta(minutes=10))
+        await self.runs.open()
         if self.listener is not None:
             self.listener.start()
         if load_model:
@@ -270,6 +317,7 @@ class Services:
             )
 
     async def aclose(self) -> None:
+        await self.runs.aclose()
         await self.summarizer.wait_idle()
         await self.memories.aclose()
         if self.listener is not None:
@@ -277,3 +325,5 @@ class Services:
         await self.cache.backend.aclose()
         await self.provider.aclose()
         await self.database.dispose()
+        if self.loop is not None:
+            self.loop.stop()

@@ -24,6 +24,7 @@ from companion.services import Services
 from companion.storage import migrate
 from companion.storage.database import Database
 from tests.support.live import LiveServer
+from tests.support.redis_topologies import LocalCluster, LocalSentinelSet
 
 PG_ADMIN_DSN = os.environ.get("COMPANION_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 # `pytester` runs small pytest sessions in a test, to check the strict-run plugin itself.
@@ -88,6 +89,33 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     run_blocking(_migrate(f"sqlite+aiosqlite:///{path}"))
     return path
+
+
+# --- Redis Cluster and Sentinel (tests/support/redis_topologies.py) --------------------------------
+# Started once per test process, on first use, and left whole for the next test (a test that kills
+# a node heals the topology before it ends); every test empties them with `.flush()` first.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A private 6-node Redis Cluster: 3 primaries, 3 replicas."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinelSet]:
+    """A private Sentinel set: 1 primary, 1 replica, 3 sentinels."""
+    sentinels = LocalSentinelSet(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinels.start()
+        yield sentinels
+    finally:
+        sentinels.cleanup()
 
 
 def make_settings(database_url: str, tmp_path: Path, **overrides: object) -> Settings:

@@ -3,18 +3,24 @@ redis-server (never the shared one)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from typer.testing import CliRunner
 
 from companion.cache import keys
+from companion.cli.cache import _redis_info
 from companion.cli.main import app
+from companion.cli.support import run
+from companion.config import load_settings
 from companion.llm.scripted import ScriptedProvider
 from tests.conftest import make_settings
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import LocalCluster
 from tests.test_cli import _server_in_thread
 
 runner = CliRunner()
@@ -106,3 +112,48 @@ def test_commands_explain_an_unreachable_service_or_redis(
     assert result.exit_code == 1 and "cannot reach Redis" in result.output
     result = runner.invoke(app, ["cache", "stats", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and "is the service running" in result.output
+
+
+def test_stats_and_invalidate_cover_every_primary_of_a_cluster(
+    redis_cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster the CLI visits every primary: Redis's counters are summed over the three, and
+    an invalidation deletes matching entries wherever their slot lives."""
+    redis_cluster.heal()
+    redis_cluster.flush()
+    _env(monkeypatch, tmp_path, redis_cluster.url)
+    monkeypatch.setenv("REDIS_MODE", "auto")  # detected from the server
+    users = [uuid.uuid4() for _ in range(60)]
+    admin = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.primary_ports()[0])
+    try:
+        for user in users:
+            admin.set(keys.personality(user, "elara"), b"{}")
+            admin.set(keys.preferences(user), b"{}")
+        buffer = keys.conversation_buffer(uuid.uuid4())
+        admin.set(buffer, b"[]")  # durable state, never a cached namespace
+        assert all(client.dbsize() > 0 for client in redis_cluster.primary_clients())
+
+        result = runner.invoke(app, ["cache", "stats", "--url", "http://127.0.0.1:9"])
+        assert result.exit_code != 0  # no instance there: says so, and exits non-zero
+        result = runner.invoke(app, ["cache", "invalidate", "personality", "elara"])
+        assert result.exit_code == 0, result.output
+        assert "Invalidated 60 Redis entries" in result.output
+        assert not any(admin.exists(keys.personality(user, "elara")) for user in users)
+        result = runner.invoke(app, ["cache", "invalidate", "--all"])
+        assert result.exit_code == 0, result.output
+        assert "Invalidated 60 Redis entries" in result.output
+        assert admin.exists(buffer) and sum(client.dbsize() for client in redis_cluster.primary_clients()) == 1
+    finally:
+        admin.close()
+
+
+def test_redis_info_sums_every_primary_of_a_cluster(
+    redis_cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_cluster.heal()
+    _env(monkeypatch, tmp_path, redis_cluster.url)
+    monkeypatch.setenv("REDIS_MODE", "cluster")
+    info = run(_redis_info(load_settings()))
+    assert info is not None and info["primaries"] == 3
+    memory = [int(client.info("memory")["used_memory"]) for client in redis_cluster.primary_clients()]
+    assert int(str(info["used_memory"])) > max(memory)  # the sum over the three, not one of them

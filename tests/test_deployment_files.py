@@ -269,3 +269,35 @@ def test_serving_installs_no_compiler_and_no_test_tools():
     assert re.search(r"^scripts/bootstrap$", _read("scripts/serve"), re.M)
     assert re.search(r"^scripts/bootstrap --dev$", _read("scripts/test"), re.M)
     assert "scripts/test" in _read(".ci/run")
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_cluster_profile_runs_companion_on_six_nodes(monkeypatch: pytest.MonkeyPatch):
+    """`docker compose --profile cluster`: six cluster nodes (password-protected, replicas can
+    authenticate to their primaries), a one-shot join with one replica per primary, and an instance
+    whose environment loads as REDIS_MODE=cluster pointing at a node."""
+    services = _services()
+    nodes = [name for name in services if name.startswith("redis-node-")]
+    assert len(nodes) == 6
+    for name in nodes:
+        node = services[name]
+        assert node["profiles"] == ["cluster"] and node["healthcheck"]["test"]
+        command = node["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert "--requirepass" in command and "--masterauth" in command
+    init = services["redis-cluster-init"]
+    assert "--cluster-replicas 1" in " ".join(init["command"])
+    assert set(init["depends_on"]) == set(nodes)
+    cluster_app = services["companion-cluster"]
+    assert cluster_app["profiles"] == ["cluster"]
+    assert cluster_app["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+    assert "companion-cluster" not in {s for s, spec in services.items() if "profiles" not in spec}
+    variables = _env_file(_read(".env.example")) | {"POSTGRES_PASSWORD": "0123abcd" * 6, "REDIS_PASSWORD": "4567cdef" * 6}
+    unknown = set(cluster_app["environment"]) - SETTINGS_VARIABLES
+    assert not unknown, unknown
+    with monkeypatch.context() as patch:
+        for name, value in _container_environment("companion-cluster", variables).items():
+            patch.setenv(name, value)
+        settings = load_settings()
+    assert settings.redis_enabled and settings.redis_mode == "cluster"
+    assert settings.redis_url.get_secret_value() == f"redis://default:{variables['REDIS_PASSWORD']}@redis-node-1:6379/0"

@@ -114,7 +114,11 @@ async def test_user_message_is_stored_before_generation_starts(
         events = iter_sse(response)
         first = await next_event(events)
         assert first.event == "message"
-        assert first.json() == {"user_message_id": stored[0]["id"], "conversation_id": conversation_id}
+        assert first.json() == {
+            "message_id": stored[0]["id"] + 1,  # the reply's row, created with the first token
+            "user_message_id": stored[0]["id"],
+            "conversation_id": conversation_id,
+        }
         assert (await next_event(events)).json() == {"text": "One "}
         release(gate, 2)
         rest = await rest_of(events)
@@ -210,10 +214,11 @@ async def test_reply_is_saved_while_it_streams(fast_flush_server: LiveServer, pr
 # --- every way a turn can end --------------------------------------------------------------------
 
 
-async def test_client_disconnect_keeps_the_partial_reply_as_incomplete(
-    client: httpx.AsyncClient, provider: ScriptedProvider
-):
-    provider.queue(ScriptedReply("Once upon a time there was", hang_after=3))
+async def test_client_disconnect_does_not_stop_the_reply(client: httpx.AsyncClient, provider: ScriptedProvider):
+    """The reply runs apart from the request: the client leaving mid-reply changes nothing, the
+    reply is generated to its end and stored `complete`."""
+    gate = asyncio.Semaphore(3)
+    provider.queue(ScriptedReply("Once upon a time there was a fox", gate=gate))
     conversation_id = (await create_conversation(client))["id"]
 
     response = await response_of(open_stream(client, conversation_id, "Tell me a story"))
@@ -226,23 +231,29 @@ async def test_client_disconnect_keeps_the_partial_reply_as_incomplete(
     finally:
         await response.aclose()  # the body is unread: httpx drops the connection
 
+    release(gate, 10)  # the model goes on only now, after the client has gone
+
     async def settled() -> bool:
         messages = await all_messages(client, conversation_id)
-        return len(messages) == 2 and messages[1]["status"] == "incomplete"
+        return len(messages) == 2 and messages[1]["status"] != "streaming"
 
-    await wait_for(settled, timeout=DEADLINE, what="the partial reply to be marked incomplete")
+    await wait_for(settled, timeout=DEADLINE, what="the reply to be settled")
     messages = await all_messages(client, conversation_id)
     assert [(m["role"], m["content"], m["status"]) for m in messages] == [
         ("user", "Tell me a story", "complete"),
-        ("assistant", "Once upon a ", "incomplete"),
+        ("assistant", "Once upon a time there was a fox", "complete"),
     ]
 
-    # The conversation goes on, and the model sees what the user saw.
+    # The conversation goes on, and the model sees the whole reply.
     provider.queue("Sorry, where was I?")
     after = await chat_stream(client, conversation_id, "Go on")
     assert after[-1].event == "done" and after[-1].json()["content"] == "Sorry, where was I?"
     prompt = [(m.role, m.content) for m in provider.prompts[-1]]
-    assert prompt[1:] == [("user", "Tell me a story"), ("assistant", "Once upon a "), ("user", "Go on")]
+    assert prompt[1:] == [
+        ("user", "Tell me a story"),
+        ("assistant", "Once upon a time there was a fox"),
+        ("user", "Go on"),
+    ]
 
 
 @pytest.mark.parametrize(

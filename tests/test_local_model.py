@@ -281,3 +281,57 @@ async def test_a_busy_model_answers_503_with_retry_after(local_server: LiveServe
             assert oai.status_code == 503 and int(oai.headers["Retry-After"]) >= 1
     finally:
         await running.aclose()
+
+
+async def test_real_model_reply_resumes_and_stops_through_another_server(tmp_path: Path) -> None:
+    """The issue's "done when": a reply from the local model streamed through A, the connection
+    dropped after a few tokens, resumed through B with Last-Event-ID, equals the stored reply; a stop
+    through B ends a reply running on A, and A's model is free again (its generation stopped)."""
+    from tests.support.instances import running_server as running_instance
+    from tests.support.redis_proc import running_redis
+
+    async with running_redis(tmp_path / "redis") as redis_server:
+        settings = make_settings(
+            f"sqlite+aiosqlite:///{tmp_path / 'local.db'}",
+            tmp_path,
+            llm_provider="local",
+            llm_max_tokens=48,
+            llm_threads=1,
+            auto_migrate=True,
+            redis_enabled=True,
+            redis_url=redis_server.url,
+        )
+        async with running_instance(settings, None) as a, running_instance(settings, None) as b:  # type: ignore[arg-type]
+            key = (await a.app.state.services.users.create("ana")).api_key
+            headers = {"Authorization": f"Bearer {key}"}
+            async with (
+                httpx.AsyncClient(base_url=a.base_url, headers=headers, timeout=120) as on_a,
+                httpx.AsyncClient(base_url=b.base_url, headers=headers, timeout=120) as on_b,
+            ):
+                conversation = (await on_a.post("/v1/conversations", json={"personality": "elara"})).json()
+                url = f"/v1/conversations/{conversation['id']}/messages"
+                async with on_a.stream("POST", url, json={"content": "Tell me about the sea."}) as response:
+                    before = []
+                    async for event in iter_sse(response):
+                        before.append(event)
+                        if len(before) == 4:
+                            break  # message + 3 tokens, then the connection drops
+                message_id = before[0].json()["message_id"]
+                async with on_b.stream(
+                    "GET", f"{url}/{message_id}/stream", headers={"Last-Event-ID": before[-1].id or ""}
+                ) as response:
+                    after = [event async for event in iter_sse(response)]
+                text = "".join(e.json()["text"] for e in before + after if e.event == "token")
+                assert after[-1].event == "done" and after[-1].json()["content"] == text
+                stored = (await on_b.get(url)).json()["data"][-1]
+                assert (stored["id"], stored["content"], stored["status"]) == (message_id, text, "complete")
+
+                provider = a.app.state.services.provider
+                async with on_a.stream("POST", url, json={"content": "And a very long story?"}) as response:
+                    events = iter_sse(response)
+                    first = [await anext(events) for _ in range(3)]
+                    stopped = await on_b.post(f"{url}/{first[0].json()['message_id']}/stop")
+                    assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+                    assert provider.slot_stats().active == 0  # A's model slot is free: generation stopped
+                    rest = [event async for event in events]
+                assert rest[-1].event == "done" and rest[-1].json()["finish_reason"] == "stopped"

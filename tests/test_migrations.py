@@ -11,9 +11,20 @@ from alembic.migration import MigrationContext
 from companion.services import Services
 from companion.storage.models import Base
 
+# The memories' full-text index is made by migration 0005 per dialect and is not an ORM model:
+# SQLite's FTS5 table (and the shadow tables FTS5 keeps), PostgreSQL's generated tsvector column.
+_NOT_IN_MODELS = ("memories_fts", "text_tsv", "ix_memories_text_tsv")
+
+
+def _in_models(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    return not (reflected and name is not None and name.startswith(_NOT_IN_MODELS))
+
 
 def _differences(connection: Any) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": False})
+    context = MigrationContext.configure(
+        connection,
+        opts={"compare_type": True, "compare_server_default": False, "include_object": _in_models},
+    )
     return list(compare_metadata(context, Base.metadata))
 
 

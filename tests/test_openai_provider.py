@@ -462,20 +462,24 @@ async def test_silent_upstream_is_a_504_json_error(settings: Settings, silent: R
 
 
 async def test_a_client_leaving_mid_reply_hangs_up_on_the_upstream(settings: Settings, upstream: Upstream):
-    """Closing the app's stream closes the provider's upstream request: neither side waits for the
-    stalled upstream (the provider timeout is long), and both keep the partial reply as incomplete."""
+    """Closing the app's OpenAI-compatible stream (where a client leaving stops the reply) closes the
+    provider's upstream request: neither side waits for the stalled upstream (the provider timeout is
+    long), and both keep the partial reply as incomplete."""
     upstream.provider.queue(ScriptedReply("a b c", hang_after=1))
     async with app_with(
         settings, provider_for(upstream.base_url, api_key=upstream.api_key, timeout_seconds=30)
     ) as client:
         conversation_id = await new_conversation(client)
-        async with client.stream(
-            "POST", f"/v1/conversations/{conversation_id}/messages", json={"content": "Hi"}
-        ) as response:
+        body = {
+            "model": "elara",
+            "stream": True,
+            "conversation_id": conversation_id,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             async for event in iter_sse(response):
-                if event.event == "token":
-                    assert event.json()["text"] == "a "
+                if '"content":"a "' in event.data:
                     break
 
         async def app_settled() -> bool:

@@ -26,7 +26,7 @@ from companion.services import Services
 from companion.storage.models import ConversationSummary, Message
 from tests.conftest import make_settings
 from tests.support.api import chat, create_conversation
-from tests.support.conversation import SUMMARY_HEADER, expected_window, paged_history, pairs
+from tests.support.conversation import expected_window, paged_history, pairs, prompt_summary
 from tests.support.instances import running_instances
 from tests.support.redis_proc import RedisProcess, running_redis
 
@@ -159,13 +159,13 @@ async def test_the_newest_summary_reaches_the_next_prompt(
     assert base.startswith("You are Elara") and "Summary" not in base
     for turn, (prompt, reply) in enumerate(zip(prompts, done, strict=True), start=1):
         assert pairs(prompt[1:]) == expected_window(history, reply["user_message_id"], WINDOW)
+        assert prompt[0].content == base, f"turn {turn}: the system message changed"
         if turn <= 3:
-            assert prompt[0].content == base, f"turn {turn} had a summary before any message left the window"
+            assert prompt_summary(prompt) is None, f"turn {turn} had a summary before any message left the window"
             continue
-        # The row written after the previous turn, in full, after the personality's prompt.
+        # The row written after the previous turn, in full, in the newest message's context block.
         _, upto, content = rows[turn - 4]
-        assert prompt[0].content == base + SUMMARY_HEADER + content, f"turn {turn}"
-        assert "\nSummary of the earlier conversation:\n" in prompt[0].content
+        assert prompt_summary(prompt) == content, f"turn {turn}"
         first_in_window = next(m["id"] for m in history if (m["role"], m["content"]) == pairs(prompt[1:])[0])
         assert upto < first_in_window, "the summary repeats a message that is still in the window"
 
@@ -269,7 +269,7 @@ async def test_llm_summaries_use_the_providers_text_and_fall_back_to_extractive(
     turn = await services.chat.begin(user.id, conversation, "What do you remember?")
     events = [event async for event in services.chat.run(turn)]
     assert isinstance(events[-1], DoneEvent)
-    assert turn.prompt[0].content.endswith(SUMMARY_HEADER + summary.content)
+    assert prompt_summary(turn.prompt) == summary.content
     assert pairs(turn.prompt[1:]) == [
         ("assistant", "Reply 5. More words."),
         ("user", said(6)),

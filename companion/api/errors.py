@@ -72,16 +72,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """Reject bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
+    """Reject bodies over `max_bytes` with 413, by Content-Length or while streaming in. File
+    uploads (`larger`: path -> limit) have their own, larger limits."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max_bytes = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await _Limited(self.app, self.larger.get(scope.get("path", ""), self.default_max_bytes))(scope, receive, send)
+
+
+class _Limited:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:

@@ -1,5 +1,6 @@
-"""The memories the companion keeps about the user: list, search, add, delete one, forget all.
-Deleting is immediate everywhere: the very next prompt, on any instance, no longer contains it."""
+"""The memories the companion keeps about the user: list, search, add, delete one, forget what
+came from a conversation or a message, forget all. Deleting is immediate everywhere: the very next
+prompt, on any instance, no longer contains it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.errors import InvalidInput
+from companion.memory.fulltext import Scope
 from companion.memory.store import MemoryOut
 from companion.types import NonBlankText
 
@@ -46,11 +48,16 @@ async def list_memories(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    kind: Annotated[
+        Scope,
+        Query(description="`episodes`: what you said, verbatim; `facts`: facts drawn from it and notes you added."),
+    ] = "all",
 ) -> MemoryList:
-    """Newest first; with `query`, the `limit` memories closest in meaning, each with its `score`."""
+    """Newest first; with `query`, the `limit` best matches by meaning and by words, each with its
+    `score` (cosine similarity to the query)."""
     if query is not None:
-        return MemoryList(data=await services.memories.search(user_id, _spaced(query), limit=limit))
-    return MemoryList(data=await services.memories.list(user_id, limit=limit, offset=offset))
+        return MemoryList(data=await services.memories.search(user_id, _spaced(query), limit=limit, scope=kind))
+    return MemoryList(data=await services.memories.list(user_id, limit=limit, offset=offset, scope=kind))
 
 
 @router.post("", status_code=201, response_model=MemoryOut)
@@ -72,5 +79,19 @@ async def delete_memory(memory_id: uuid.UUID, user_id: UserIdDep, services: Serv
 
 
 @router.delete("", response_model=Deleted)
-async def forget_everything(user_id: UserIdDep, services: ServicesDep) -> Deleted:
-    return Deleted(deleted=await services.memories.delete_all(user_id))
+async def forget(
+    user_id: UserIdDep,
+    services: ServicesDep,
+    conversation_id: Annotated[
+        uuid.UUID | None, Query(description="Forget only what came from this conversation.")
+    ] = None,
+    message_id: Annotated[
+        int | None, Query(ge=1, description="Forget only what came from this message.")
+    ] = None,
+) -> Deleted:
+    """Forget everything, or only the episodes and facts that came from one conversation or message."""
+    if conversation_id is None and message_id is None:
+        return Deleted(deleted=await services.memories.delete_all(user_id))
+    return Deleted(
+        deleted=await services.memories.forget(user_id, conversation_id=conversation_id, message_id=message_id)
+    )

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from companion.overload.admission import WAIT_BUCKETS
 from companion.services import Services
 
 router = APIRouter(tags=["health"])
@@ -98,12 +99,74 @@ class _MemoryCollector(Collector):
         yield failures
 
 
+class _OverloadCollector(Collector):
+    """Admission control per gate (`turn`: chat turns, `other`: every other gated request), the
+    database pool's waits that ended `overloaded`, Redis calls that failed only because our own
+    loop stalled, and the event loop's lateness."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        admitted = CounterMetricFamily("companion_admission_admitted", "Requests admitted", labels=["gate"])
+        queued = CounterMetricFamily(
+            "companion_admission_queued", "Requests that waited in the admission queue", labels=["gate"]
+        )
+        shed = CounterMetricFamily(
+            "companion_admission_shed",
+            "Requests refused with 503 overloaded (queue full, or waited too long)",
+            labels=["gate", "reason"],
+        )
+        wait = HistogramMetricFamily(
+            "companion_admission_queue_wait_seconds", "Time queued requests waited", labels=["gate"]
+        )
+        in_flight = GaugeMetricFamily("companion_admission_in_flight", "Requests holding a slot", labels=["gate"])
+        waiting = GaugeMetricFamily("companion_admission_waiting", "Requests in the queue", labels=["gate"])
+        admission = self._services.admission
+        for name, gate in (admission.gates() if admission is not None else {}).items():
+            stats = gate.stats
+            admitted.add_metric([name], float(stats.admitted))
+            queued.add_metric([name], float(stats.queued))
+            shed.add_metric([name, "queue_full"], float(stats.shed_full))
+            shed.add_metric([name, "queue_timeout"], float(stats.shed_timeout))
+            cumulative, buckets = 0, []
+            for bound, count in zip((*WAIT_BUCKETS, float("inf")), stats.wait_buckets, strict=True):
+                cumulative += count
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+            wait.add_metric([name], buckets, stats.wait_sum)
+            in_flight.add_metric([name], float(gate.in_flight))
+            waiting.add_metric([name], float(gate.waiting))
+        yield from (admitted, queued, shed, wait, in_flight, waiting)
+        pool = CounterMetricFamily(
+            "companion_database_pool_timeouts", "Waits for a pooled database connection that ended 503 overloaded"
+        )
+        pool.add_metric([], float(self._services.database.pool_timeouts))
+        yield pool
+        redis = self._services.redis
+        late = CounterMetricFamily(
+            "companion_redis_late_calls",
+            "Redis calls that failed only because this process was busy (not counted by the circuit breaker)",
+        )
+        late.add_metric([], float(redis.late if redis is not None else 0))
+        yield late
+        loop = self._services.loop
+        lag = GaugeMetricFamily(
+            "companion_event_loop_lag_seconds", "The event loop's worst lateness over the last 10 seconds"
+        )
+        lag.add_metric([], loop.max_lag() if loop is not None else 0.0)
+        yield lag
+        stalled = CounterMetricFamily("companion_event_loop_stalled_seconds", "Time the event loop ran late, in total")
+        stalled.add_metric([], loop.stalled if loop is not None else 0.0)
+        yield stalled
+
+
 def build_registry(services: Services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(services.cache.stats)
     registry.register(_DegradedCollector(services))
     registry.register(_MemoryCollector(services))
     registry.register(_RateLimitCollector(services))
+    registry.register(_OverloadCollector(services))
     return registry
 
 

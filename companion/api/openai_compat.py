@@ -6,6 +6,11 @@ messages, are ignored, since the server already has the history). The conversati
 by the `conversation_id` body field or the `X-Conversation-Id` header, else the user's most recent
 conversation with that personality, else a new one; the answer names it in `conversation_id` and in
 the `X-Conversation-Id` header.
+
+A streamed reply stops when its client disconnects, as OpenAI clients expect (closing the stream is
+how they cancel): it is kept `incomplete` with the text generated so far. Without streaming, the
+reply is generated to its end. Its run is otherwise the native API's (companion.chat.runs): while it
+streams, `POST /v1/conversations/{id}/messages/{message_id}/stop` stops it and `.../stream` follows it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from companion.api.conversations import error_response, first_event, last_event
+from companion.api.admission import hold_for_turn
+from companion.api.conversations import error_response, outcome_of, start_run
 from companion.api.deps import ServicesDep, UserIdDep
 from companion.api.sse import sse_event, sse_response
-from companion.chat.service import ChatEvent, DoneEvent, ErrorEvent, TokenEvent, Turn
+from companion.chat.runs import Run
+from companion.chat.service import DoneEvent, ErrorEvent, Turn
 from companion.conversations.schemas import ConversationOut
 from companion.errors import InvalidInput
 from companion.services import Services
@@ -95,6 +102,7 @@ async def chat_completions(
     body: ChatCompletionRequest,
     user_id: UserIdDep,
     services: ServicesDep,
+    request: Request,
     x_conversation_id: Annotated[uuid.UUID | None, Header()] = None,
 ) -> Response:
     """Chat with a personality through any OpenAI client (stream or not)."""
@@ -115,21 +123,19 @@ async def chat_completions(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
     )
-    events = services.chat.run(turn)
-    first = await first_event(events)
-    if isinstance(first, ErrorEvent) and first.message_id is None:
-        return error_response(first.error)
+    turn = hold_for_turn(request, turn)
+    run = await start_run(services, turn)
+    if isinstance(run, Response):
+        return run
     headers = {"X-Conversation-Id": str(conversation.id)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(turn, personality.name, first, events, include_usage), headers)
-    return await _complete(turn, personality.name, first, events, headers)
+        return sse_response(_stream(services, run, personality.name, include_usage), headers)
+    return await _complete(turn, personality.name, run, headers)
 
 
-async def _complete(
-    turn: Turn, model: str, first: ChatEvent, events: AsyncIterator[ChatEvent], headers: dict[str, str]
-) -> Response:
-    event = await last_event(first, events)
+async def _complete(turn: Turn, model: str, run: Run, headers: dict[str, str]) -> Response:
+    event = await outcome_of(run)
     if isinstance(event, ErrorEvent):
         return error_response(event.error)
     assert isinstance(event, DoneEvent)
@@ -151,13 +157,12 @@ async def _complete(
     return JSONResponse(body, headers=headers)
 
 
-async def _stream(
-    turn: Turn, model: str, first: ChatEvent, events: AsyncIterator[ChatEvent], include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _stream(services: Services, run: Run, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    turn = run.turn
     created = int(time.time())
     completion_id = _completion_id(None)
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None, usage: Any = None) -> bytes:
+    def chunk(delta: dict[str, Any] | None, finish_reason: str | None = None, usage: Any = None) -> bytes:
         payload: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -170,23 +175,26 @@ async def _stream(
             payload["usage"] = usage
         return sse_event(None, orjson.dumps(payload))
 
-    yield chunk({"role": "assistant", "content": ""})
-    event: ChatEvent | None = first
+    assert run.message_id is not None
+    finished = False
     try:
-        while event is not None:
-            if isinstance(event, TokenEvent):
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in services.runs.local.follow(run.message_id, 0, stall_seconds=86_400.0):
+            if event.kind == "token":
                 yield chunk({"content": event.text})
-            elif isinstance(event, DoneEvent):
-                yield chunk({}, event.finish_reason)
+            elif event.kind == "done":
+                data = event.payload()
+                yield chunk({}, data["finish_reason"])
                 if include_usage:
-                    yield chunk(None, usage=event.usage.as_dict())  # type: ignore[arg-type]
-            elif isinstance(event, ErrorEvent):
+                    yield chunk(None, usage=data["usage"])
+            elif event.kind == "error":
                 # OpenAI's own convention for a failure mid-stream; its client raises APIError.
-                yield sse_event(None, event.error.to_body())
-            event = await anext(events, None)
+                yield sse_event(None, {"error": event.payload()["error"]})
+        finished = True
         yield b"data: [DONE]\n\n"
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        if not finished:
+            services.runs.abandon(run)  # the client hung up: stop generating, as OpenAI does
 
 
 @router.get("/models")

@@ -11,9 +11,11 @@ from starlette.responses import StreamingResponse
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_event(event: str | None, data: Any) -> bytes:
+def sse_event(event: str | None, data: Any, *, id: str | None = None) -> bytes:
     payload = data if isinstance(data, bytes) else orjson.dumps(data)
     head = f"event: {event}\n".encode() if event else b""
+    if id is not None:
+        head = f"id: {id}\n".encode() + head
     return head + b"data: " + payload + b"\n\n"
 
 

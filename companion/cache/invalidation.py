@@ -9,19 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import Any, Protocol
 
 from companion.cache import keys
+from companion.cache.redis import REDIS_ERRORS
 from companion.cache.tiered import TieredCache
 
 logger = logging.getLogger(__name__)
 
 
+class PubSubSource(Protocol):
+    """A Redis client, or a `companion.cache.topology.Topology` (which picks the node on a cluster)."""
+
+    def pubsub(self) -> Any: ...
+
+
 class InvalidationListener:
     def __init__(
-        self, client: aioredis.Redis, cache: TieredCache, *, retry_seconds: float = 0.2, max_retry_seconds: float = 2.0
+        self, client: PubSubSource, cache: TieredCache, *, retry_seconds: float = 0.2, max_retry_seconds: float = 2.0
     ) -> None:
         self._client = client
         self._cache = cache
@@ -67,7 +72,7 @@ class InvalidationListener:
                         await self._cache.replay_pending()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as error:
+            except REDIS_ERRORS as error:
                 if self.connected.is_set():
                     logger.warning(
                         "cache invalidation channel lost (%s); L1 cleared and bypassed", type(error).__name__

@@ -3,8 +3,23 @@
 Keys live under a versioned namespace (`companion:v1:`). User-supplied parts pass through `part()`:
 safe short tokens stay readable, anything else (`a:*`, `../x`, emoji, very long names) becomes
 `h.<sha256 prefix>`, so no input can collide with another key or act as a SCAN pattern (a literal
-part can never contain the `.` that marks a hashed one). Per-user keys carry the cluster hash tag
-`{u:<user id>}`, so keys used together in one command or script live on one slot.
+part can never contain the `.` that marks a hashed one).
+
+Hash tags (Redis Cluster): every key is `companion:v1:{<tag>}:<rest>`, and only the `{...}` part
+decides the key's slot. A multi-key command or Lua script may only touch keys of one slot, so keys
+used together share a tag:
+
+    {u:<user id>}          a user's cached personality/preferences, sessions, quotas, memory searches
+    {c:<conversation id>}  a conversation's buffer, summary and turn lease
+    {r:<subject>}          one rate-limit subject (a user id or a client IP)
+    {k:<api key hash>}     one API key's owner
+    <key>:lock             a loader lock: the key's own tag, so the same slot (`lock()`)
+
+A new key (a reply stream, a run's state, ...) picks the tag of what it is used with, e.g.
+`f"{PREFIX}:{conversation_tag(conversation_id)}:stream"`, so a script over it and the conversation's
+other keys stays on one slot; tests/cache/test_keys.py checks every builder has exactly one tag.
+Keys used in no multi-key operation should still be tagged by their owner, which spreads load over
+the cluster evenly and keeps a user's keys together.
 """
 
 from __future__ import annotations
@@ -42,7 +57,8 @@ def preferences(user_id: uuid.UUID) -> str:
 
 
 def api_key(key_hash: str) -> str:
-    return f"{PREFIX}:apikey:{part(key_hash)}"
+    # Tagged by the key itself: its loader lock (`lock()`) must share its slot.
+    return f"{PREFIX}:{{k:{part(key_hash)}}}:apikey"
 
 
 def session(user_id: uuid.UUID, session_id: str) -> str:
@@ -62,7 +78,7 @@ def memory_search(user_id: uuid.UUID, generation: int, conversation_id: uuid.UUI
 def namespace_pattern(namespace: str) -> str:
     """SCAN pattern for every key of one namespace."""
     if namespace == "apikey":
-        return f"{PREFIX}:apikey:*"
+        return f"{PREFIX}:{{k:*}}:apikey*"
     return f"{PREFIX}:*:{namespace}*"
 
 
@@ -89,6 +105,21 @@ def conversation_summary(conversation_id: uuid.UUID) -> str:
 
 def conversation_lock(conversation_id: uuid.UUID) -> str:
     return f"{PREFIX}:{conversation_tag(conversation_id)}:turn"
+
+
+def reply_tag(message_id: int) -> str:
+    """One reply run's keys share this hash tag, so one cluster slot."""
+    return f"{{m:{int(message_id)}}}"
+
+
+def reply_events(message_id: int) -> str:
+    """The Redis Stream of a reply's events (companion.runs.redis)."""
+    return f"{PREFIX}:{reply_tag(message_id)}:events"
+
+
+def reply_stop(message_id: int) -> str:
+    """Present while a stop of the reply has been asked for."""
+    return f"{PREFIX}:{reply_tag(message_id)}:stop"
 
 
 def lock(key: str) -> str:

@@ -18,6 +18,7 @@ from companion.conversations.buffer import BufferedMessage, ConversationBuffer, 
 from companion.conversations.schemas import ConversationOut
 from companion.conversations.service import ConversationService
 from companion.memory.service import MemoryService
+from companion.memory.store import MemoryOut
 from companion.personalities.schemas import PersonalityOut
 from companion.personalities.service import PersonalityService
 from companion.preferences.schemas import Preferences
@@ -77,6 +78,29 @@ class ContextAssembler:
             await self._forget(conversation_id)
         return recent
 
+    async def rebuild(self, conversation_id: uuid.UUID) -> list[BufferedMessage]:
+        """After the active path changed (a branch switch, a regenerate): the buffer rebuilt from the
+        path's newest messages, and the summary made one of the new path."""
+        rows = await self._conversations.recent_messages(conversation_id, self.window)
+        recent = [BufferedMessage(id=m.id, role=m.role, content=m.content, at=stamp(m.created_at)) for m in rows]
+        try:
+            if recent:
+                await self._buffer.replace(conversation_id, recent)
+            else:
+                await self._buffer.drop(conversation_id)
+        except CacheUnavailable:
+            await self._forget(conversation_id)
+        await self.path_changed(conversation_id)
+        return recent
+
+    async def path_changed(self, conversation_id: uuid.UUID) -> None:
+        """The active path no longer ends where it did: the summary must be one of the new path."""
+        if self._summarizer is not None:
+            await self._summarizer.follow_path(conversation_id)
+
+    async def preferences(self, user_id: uuid.UUID) -> Preferences:
+        return await self._preferences.get(user_id)
+
     async def remember(self, conversation_id: uuid.UUID, message: BufferedMessage, *, after: str | None = None) -> None:
         """Add a settled reply to the buffer (or drop the buffer if that fails). `after`: the stamp of
         the message it answers."""
@@ -100,12 +124,12 @@ class ContextAssembler:
 
     async def recall(
         self, user_id: uuid.UUID, preferences: Preferences, query: str, *, generation: int | None = None
-    ) -> list[str]:
-        """Long-term memories for the prompt (none if the user turned memory off). `generation`: the
-        user's memory generation if the caller has just read it from the database."""
+    ) -> list[MemoryOut]:
+        """Long-term memories for the prompt (none if the user turned memory off), each with when it
+        was said. `generation`: the user's memory generation if the caller has just read it."""
         if self.memories is None or not preferences.memory_enabled:
             return []
-        return [memory.text for memory in await self.memories.recall(user_id, query, generation=generation)]
+        return await self.memories.recall(user_id, query, generation=generation)
 
     def after_turn(self, conversation_id: uuid.UUID, history_length: int) -> None:
         if self._summarizer is not None and history_length >= self.window:

@@ -4,7 +4,11 @@ stream the reply while saving it, and settle its final state whatever happens.
 Durability rules (DESIGN-NOTES #6): the user's message is committed before generation starts; the
 reply row is created at its first token and its text saved at least every
 STREAM_FLUSH_INTERVAL_SECONDS while streaming; a client that leaves mid-reply leaves the partial
-text marked `incomplete`; a provider failure mid-reply leaves what was generated marked `error`.
+text marked `incomplete`; a provider failure mid-reply leaves what was generated marked `error`; a
+stop request leaves it `stopped`. While the reply streams, its row carries a heartbeat (every save,
+and every `heartbeat_seconds` while the model stalls), which tells other instances it is alive.
+
+A turn is consumed by its reply run (companion.chat.runs), on a task of its own, not by a request.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,13 +26,17 @@ import anyio
 
 from companion.cache.backend import CacheUnavailable
 from companion.chat.context import ContextAssembler
-from companion.chat.prompt import build_prompt
+from companion.chat.prompt import Remembered, build_prompt, user_name
 from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
-from companion.conversations.service import ConversationService
+from companion.conversations.service import HEAD, AtHead, ConversationService
 from companion.conversations.turns import LocalTurnLock, TurnLock
 from companion.errors import CompanionError, InvalidInput
+from companion.interchange import cards
+from companion.interchange.cards import fill_user
 from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
+from companion.personalities.schemas import PersonalityOut
+from companion.preferences.schemas import Preferences
 from companion.ratelimit.quotas import TokenQuotas
 from companion.types import check_text
 
@@ -45,6 +53,10 @@ class ChatLimits:
     repeat_penalty: float = 1.1
     flush_interval_seconds: float = 0.25
     memory_tokens: int = 200
+    heartbeat_seconds: float = 2.0
+
+
+NOTHING_BEFORE = "nothing"
 
 
 async def _nothing() -> None:
@@ -70,6 +82,13 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class ReplyStarted:
+    """The reply's row exists (before its first token is yielded): its id names the reply."""
+
+    message_id: int
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     text: str
 
@@ -90,7 +109,15 @@ class ErrorEvent:
     content: str = ""
 
 
-ChatEvent = TokenEvent | DoneEvent | ErrorEvent
+ChatEvent = ReplyStarted | TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class RunControl:
+    """Set by whoever runs a turn before cancelling its task: a cancellation with `stop_requested`
+    is a stop (the reply ends `stopped`, with a DoneEvent), any other one leaves it `incomplete`."""
+
+    stop_requested: bool = False
 
 
 @dataclass
@@ -107,6 +134,8 @@ class _Reply:
     closed: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     flusher: asyncio.Task[None] | None = None
+    # Another instance settled this reply (it thought the run dead): stop generating it.
+    taken_over: bool = False
 
     @property
     def text(self) -> str:
@@ -155,8 +184,11 @@ class ChatService:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        parent_id: int | AtHead | None = HEAD,
     ) -> Turn:
         """Validate, take the conversation's turn, store the user's message and build the prompt.
+        The message follows `parent_id` (default: the end of the active path; an edit passes the
+        edited message's parent, which starts a new branch).
 
         Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
         reply is still streaming here and did not finish in time), RateLimited (429: token quota
@@ -169,20 +201,94 @@ class ChatService:
         await held.enter_async_context(self._turns.hold(conversation.id))
         try:
             # Read again now that the turn is ours, in the transaction that stores the message: the
-            # conversation's `updated_at` is when its last message was stored, which the buffer must
-            # end with (see ContextAssembler.history); the memory generation keys the recall.
+            # time of the message it follows is what the buffer must end with (see
+            # ContextAssembler.history); the memory generation keys the recall.
             user_message, previous_at, generation = await self._conversations.add_turn_message(
-                user_id, conversation.id, content
+                user_id, conversation.id, content, parent_id=parent_id
             )
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
-            history = await self._context.history(conversation.id, newest, after=stamp(previous_at))
+            # A message that follows nothing (the first, or an edit of the first) must not extend any
+            # buffer: no buffered message is stamped NOTHING_BEFORE, so one that exists is rebuilt.
+            after = stamp(previous_at) if previous_at is not None else NOTHING_BEFORE
+            history = await self._context.history(conversation.id, newest, after=after)
+            if not isinstance(parent_id, AtHead):  # an edit: a new branch
+                await self._context.path_changed(conversation.id)
             summary = await self._context.summary(conversation.id)
             memories = await self._context.recall(user_id, preferences, content, generation=generation)
         except BaseException:
             await held.aclose()
             raise
+        return self._turn(
+            user_id,
+            conversation,
+            user_message,
+            personality,
+            preferences,
+            history,
+            summary,
+            memories,
+            held,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            learn=preferences.memory_enabled,
+        )
+
+    async def regenerate(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> Turn:
+        """A turn that answers an existing user message again (`message_id`: it, or a reply to it):
+        the new reply becomes an alternative to the earlier ones and the active one. Raises as
+        `begin` does, and InvalidInput for a greeting."""
+        personality, preferences = await self._context.profile(user_id, conversation)
+        await self._check_quota(user_id)
+        held = contextlib.AsyncExitStack()
+        await held.enter_async_context(self._turns.hold(conversation.id))
+        try:
+            user_message = await self._conversations.rewind(user_id, conversation.id, message_id)
+            history = await self._context.rebuild(conversation.id)
+            summary = await self._context.summary(conversation.id)
+            memories = await self._context.recall(user_id, preferences, user_message.content)
+        except BaseException:
+            await held.aclose()
+            raise
+        return self._turn(
+            user_id, conversation, user_message, personality, preferences, history, summary, memories, held, learn=False
+        )
+
+    async def switch(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> int:
+        """Make the branch through `message_id` the active one (between turns) and rebuild the
+        buffer from it. Returns the new end of the active path."""
+        async with self._turns.hold(conversation.id):
+            head = await self._conversations.switch(user_id, conversation.id, message_id)
+            await self._context.rebuild(conversation.id)
+        return head
+
+    async def open_conversation(
+        self, user_id: uuid.UUID, personality: PersonalityOut, title: str | None = None
+    ) -> ConversationOut:
+        """A new conversation; a character card's greetings open it (`{{user}}` filled in)."""
+        greetings: list[str] = []
+        if personality.card is not None:
+            preferences = await self._context.preferences(user_id)
+            greetings = [fill_user(text, user_name(preferences)) for text in cards.greetings(personality.card.data)]
+        return await self._conversations.create(user_id, personality.name, title, greetings=greetings)
+
+    def _turn(
+        self,
+        user_id: uuid.UUID,
+        conversation: ConversationOut,
+        user_message: MessageOut,
+        personality: PersonalityOut,
+        preferences: Preferences,
+        history: list[BufferedMessage],
+        summary: str | None,
+        memories: Sequence[Remembered | str],
+        held: contextlib.AsyncExitStack,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        learn: bool,
+    ) -> Turn:
         params = GenerationParams(
             max_tokens=min(max_tokens or self.limits.max_tokens, self.limits.max_tokens),
             temperature=self.limits.temperature if temperature is None else temperature,
@@ -196,27 +302,22 @@ class ChatService:
             summary=summary,
             memories=memories,
             memory_budget=self.limits.memory_tokens,
+            now=user_message.created_at,
         )
-        return Turn(
-            user_id,
-            conversation,
-            user_message,
-            prompt,
-            params,
-            held.aclose,
-            len(history),
-            learn=preferences.memory_enabled,
-        )
+        return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history), learn=learn)
 
     async def _check_quota(self, user_id: uuid.UUID) -> None:
         if self._quotas is not None and self._quotas.enabled:
             await self._quotas.enforce(user_id)  # 429 token_quota_exceeded
 
-    async def run(self, turn: Turn) -> AsyncIterator[ChatEvent]:
-        """Generate and persist the reply, yielding its tokens and then one DoneEvent or ErrorEvent.
+    async def run(self, turn: Turn, control: RunControl | None = None) -> AsyncGenerator[ChatEvent, None]:
+        """Generate and persist the reply, yielding ReplyStarted (once its row exists), its tokens,
+        then one DoneEvent or ErrorEvent (an ErrorEvent without a message id: it failed before any).
 
-        If the consumer stops early (client disconnect), the partial reply is saved `incomplete`.
-        The conversation is released before the final event, so the client may send at once.
+        If the consumer stops early or is cancelled, the partial reply is saved `incomplete`; if it
+        is cancelled with `control.stop_requested`, it is saved `stopped` and ends with a DoneEvent
+        (finish_reason `stopped`). The conversation is released before the final event, so the
+        client may send at once.
         """
         reply = _Reply(last_flush=time.monotonic())
         settled = False
@@ -233,20 +334,40 @@ class ChatService:
                         if not chunk.text:
                             continue
                         reply.parts.append(chunk.text)
-                        await self._save_progress(turn, reply)
+                        if reply.message_id is None:
+                            await self._save_progress(turn, reply)
+                            assert reply.message_id is not None
+                            yield ReplyStarted(reply.message_id)
+                        else:
+                            await self._save_progress(turn, reply)
                         yield TokenEvent(chunk.text)
+                        if reply.taken_over:
+                            break
                 finally:
                     await stream.aclose()  # type: ignore[attr-defined]
                 if reply.message_id is None:
                     # A model may legitimately say nothing; record that the turn was answered.
-                    message = await self._conversations.add_message(turn.conversation.id, "assistant", "")
+                    message = await self._conversations.add_message(
+                        turn.conversation.id, "assistant", "", parent_id=turn.user_message.id
+                    )
                     reply.message_id, reply.created_at = message.id, message.created_at
+                    yield ReplyStarted(reply.message_id)
                 await self._settle(turn, reply, "complete")
                 settled = True
             except CompanionError as error:
                 # Provider failure (502/504) or the database going away mid-reply (503).
                 settled = await self._settle_quietly(turn, reply, "error")
                 failure = ErrorEvent(error, reply.message_id, reply.text)
+            except asyncio.CancelledError:
+                if control is None or not control.stop_requested or reply.message_id is None:
+                    raise
+                # A stop request, not a hang-up: the reply ends here, as if the model had finished.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                reply.finish_reason = "stopped"
+                with anyio.CancelScope(shield=True):
+                    settled = await self._settle_quietly(turn, reply, "stopped")
             finally:
                 if not settled:
                     # Cancelled or closed (the client left): keep what the user already saw,
@@ -269,7 +390,7 @@ class ChatService:
     async def _save_progress(self, turn: Turn, reply: _Reply) -> None:
         if reply.message_id is None:
             message = await self._conversations.add_message(
-                turn.conversation.id, "assistant", reply.text, status="streaming"
+                turn.conversation.id, "assistant", reply.text, status="streaming", parent_id=turn.user_message.id
             )
             reply.message_id, reply.created_at = message.id, message.created_at
             reply.saved_chars = len(reply.text)
@@ -280,14 +401,25 @@ class ChatService:
             await self._flush(reply)
 
     async def _flush(self, reply: _Reply) -> None:
-        """Save the text generated so far as `streaming`, unless it is saved already or settled."""
+        """Save the text generated so far as `streaming` (which renews the heartbeat), unless it is
+        saved already or settled; with nothing new to save, beat once `heartbeat_seconds` passed."""
         async with reply.lock:
-            if reply.closed or reply.message_id is None or reply.saved_chars == len(reply.text):
+            if reply.closed or reply.message_id is None:
+                return
+            now = time.monotonic()
+            if reply.saved_chars == len(reply.text):
+                if now - reply.last_flush < self.limits.heartbeat_seconds:
+                    return
+                reply.last_flush = now
+                reply.taken_over = not await self._conversations.heartbeat(reply.message_id)
                 return
             text = reply.text
-            reply.last_flush = time.monotonic()  # before the write: a failing write waits one interval
-            await self._conversations.update_message(reply.message_id, text, status="streaming")
+            reply.last_flush = now  # before the write: a failing write waits one interval
+            updated = await self._conversations.update_message(
+                reply.message_id, text, status="streaming", only_streaming=True
+            )
             reply.saved_chars = len(text)
+            reply.taken_over = not updated
 
     async def _flush_while_stalled(self, reply: _Reply) -> None:
         """Tokens are saved as they arrive, but a model can stall after a burst: save what the user
@@ -317,19 +449,21 @@ class ChatService:
         if reply.message_id is None:
             return
         usage = reply.usage or Usage(0, len(reply.parts))
-        await self._conversations.update_message(
+        kept = await self._conversations.update_message(
             reply.message_id,
             reply.text,
             status=status,  # type: ignore[arg-type]
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
+            only_streaming=True,  # one that another instance settled meanwhile stays as it settled it
         )
         assert reply.created_at is not None
-        await self._context.remember(
-            turn.conversation.id,
-            BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
-            after=stamp(turn.user_message.created_at),
-        )
+        if kept:
+            await self._context.remember(
+                turn.conversation.id,
+                BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
+                after=stamp(turn.user_message.created_at),
+            )
         if self._quotas is not None and self._quotas.enabled:
             try:
                 await self._quotas.charge(turn.user_id, usage.total_tokens)

@@ -22,14 +22,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.cache import keys
 from companion.cache.codec import ModelCodec
 from companion.cache.tiered import Cached, TieredCache
+from companion.conversations import tree
 from companion.errors import CompanionError
 from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, complete
 from companion.storage.database import Database
-from companion.storage.models import ConversationSummary, Message
+from companion.storage.models import Conversation, ConversationSummary, Message
 from companion.types import Clock, utcnow
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,12 @@ def fold(previous: str | None, addition: str, max_chars: int) -> str:
     return "\n".join([BASE_MARK, *reversed(kept)])
 
 
+async def _head(session: AsyncSession, conversation_id: uuid.UUID) -> int | None:
+    return (
+        await session.execute(select(Conversation.head_id).where(Conversation.id == conversation_id))
+    ).scalar_one_or_none()
+
+
 class Summarizer:
     def __init__(
         self,
@@ -122,6 +130,43 @@ class Summarizer:
 
         return await self._cached.get(keys.conversation_summary(conversation_id), load)
 
+    async def follow_path(self, conversation_id: uuid.UUID) -> None:
+        """After the active path changed (a branch switch, an edit, a regenerate): make the newest
+        summary the best one of the new path. A summary covers the path it was made on, up to its
+        `upto_message_id`; unless the newest one already reaches as far along the new path as any,
+        the one that does (or an empty one) is added again as the newest row, so that nothing is
+        deleted and `latest` stays one indexed read."""
+        async with self._db.session() as session:
+            rows = list(
+                (
+                    await session.execute(
+                        select(ConversationSummary)
+                        .where(ConversationSummary.conversation_id == conversation_id)
+                        .order_by(ConversationSummary.id.desc())
+                    )
+                ).scalars()
+            )
+            if not rows:
+                return
+            on_path = set(await tree.path_ids(session, await _head(session, conversation_id)))
+            # Ids grow along a path: the summary reaching furthest along it covers the most.
+            valid = max(
+                (row for row in rows if row.upto_message_id in on_path),
+                key=lambda row: (row.upto_message_id, row.id),
+                default=None,
+            )
+            if valid is not None and rows[0].upto_message_id == valid.upto_message_id:
+                return
+            session.add(
+                ConversationSummary(
+                    conversation_id=conversation_id,
+                    upto_message_id=valid.upto_message_id if valid else 0,
+                    content=valid.content if valid else "",
+                    created_at=self._clock(),
+                )
+            )
+        await self._cache.invalidate(keys.conversation_summary(conversation_id))
+
     def schedule(self, conversation_id: uuid.UUID) -> None:
         """Fold departed messages into the summary in the background (one run per conversation)."""
         if conversation_id in self._running:
@@ -144,37 +189,31 @@ class Summarizer:
             logger.exception("summary of conversation %s failed", conversation_id)
 
     async def summarize(self, conversation_id: uuid.UUID) -> Summary | None:
-        """Add a summary row if at least `batch` messages have left the window since the last one."""
+        """Add a summary row if at least `batch` messages of the active path have left the window
+        since the last summary on that path."""
         previous = await self.latest(conversation_id)
         after = previous.upto_message_id if previous else 0
         async with self._db.session() as session:
-            window_ids = list(
+            path = tree.path_select(await _head(session, conversation_id))
+            settled = list(
                 (
                     await session.execute(
-                        select(Message.id)
-                        .where(Message.conversation_id == conversation_id, Message.status != "streaming")
-                        .order_by(Message.id.desc())
-                        .limit(self.window)
+                        select(Message).where(Message.id.in_(path), Message.status != "streaming").order_by(Message.id)
                     )
                 ).scalars()
             )
-            if len(window_ids) < self.window:
-                return None
-            departed = list(
-                (
-                    await session.execute(
-                        select(Message)
-                        .where(
-                            Message.conversation_id == conversation_id,
-                            Message.id > after,
-                            Message.id < min(window_ids),
-                            Message.status != "streaming",
-                            Message.content != "",
-                        )
-                        .order_by(Message.id)
-                    )
-                ).scalars()
-            )
+        if (
+            previous is not None
+            and previous.upto_message_id
+            and previous.upto_message_id not in {m.id for m in settled}
+        ):
+            # Written for another branch while the path changed under a running summary: repair.
+            await self.follow_path(conversation_id)
+            return None
+        if len(settled) < self.window:
+            return None
+        oldest_kept = settled[-self.window].id
+        departed = [m for m in settled if after < m.id < oldest_kept and m.content != ""]
         if len(departed) < self.batch:
             return None
         addition = await self._describe(departed)

@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import CACHED_NAMESPACES, TieredCache
+from companion.cache.topology import RedisOptions, make_topology
 from companion.cli.support import CliFailure, fail, run, settings_or_exit
 from companion.config import Settings
 from companion.types import is_valid_name
@@ -42,10 +43,16 @@ def _scrape(url: str) -> dict[str, dict[str, float]]:
     return stats
 
 
+def _backend(settings: Settings) -> RedisBackend:
+    """Standalone, cluster or sentinel, as the service would connect (REDIS_MODE)."""
+    topology = make_topology(RedisOptions.from_settings(settings))
+    return RedisBackend(topology.client, topology=topology)
+
+
 async def _redis_info(settings: Settings) -> dict[str, object] | None:
     if not settings.redis_enabled:
         return None
-    backend = RedisBackend(make_client(settings.redis_url.get_secret_value()))
+    backend = _backend(settings)
     try:
         return await backend.info()
     except CacheUnavailable:
@@ -83,14 +90,18 @@ def stats(
         return
     hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))  # type: ignore[call-overload]
     rate = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
+    used = info.get("used_memory")
+    memory = f"{int(used) / 2**20:.1f}M" if isinstance(used, int) else info.get("used_memory_human", "?")
+    primaries = info.get("primaries", 1)
+    over = f" over {primaries} primaries" if isinstance(primaries, int) and primaries > 1 else ""
     typer.echo(
-        f"\nRedis: keyspace_hits {hits}, keyspace_misses {misses} (hit rate {rate}), "
-        f"used_memory {info.get('used_memory_human', '?')}, maxmemory_policy {info.get('maxmemory_policy', '?')}"
+        f"\nRedis{over}: keyspace_hits {hits}, keyspace_misses {misses} (hit rate {rate}), "
+        f"used_memory {memory}, maxmemory_policy {info.get('maxmemory_policy', '?')}"
     )
 
 
 async def _invalidate(settings: Settings, pattern: str) -> int:
-    backend = RedisBackend(make_client(settings.redis_url.get_secret_value()))
+    backend = _backend(settings)
     try:
         cache = TieredCache(backend)
         removed = await cache.invalidate_matching(pattern)

@@ -8,7 +8,7 @@ import json
 import sys
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,7 +80,8 @@ def run_chat(
     """Run the prompt loop until /quit or end of input; return the exit code.
 
     One event loop serves the whole session, and `asyncio.Runner` turns Ctrl-C during a reply into
-    cancelling that reply (the service keeps what was written as incomplete) and a KeyboardInterrupt.
+    cancelling that reply (the service keeps what was written: `incomplete` embedded, `stopped` through
+    --url, where the reply runs apart from the connection and is asked to stop) and a KeyboardInterrupt.
     """
     with asyncio.Runner() as runner:
         try:
@@ -181,6 +182,7 @@ class RemoteChat:
 
     async def reply(self, conversation: Conversation, content: str) -> AsyncGenerator[str, None]:
         path = f"/v1/conversations/{conversation.id}/messages"
+        message_id: int | None = None
         try:
             async with self.client.stream("POST", path, json={"content": content}) as response:
                 if response.status_code != 200:
@@ -188,7 +190,9 @@ class RemoteChat:
                     raise ChatFailure(self._describe(response))
                 async with aclosing(_sse_events(response)) as events:
                     async for event, data in events:
-                        if event == "token":
+                        if event == "message":
+                            message_id = data.get("message_id")
+                        elif event == "token":
                             yield data["text"]
                         elif event == "done":
                             return
@@ -197,6 +201,12 @@ class RemoteChat:
                             raise ChatFailure(f"{message} (what arrived is kept); try again.")
         except httpx.TransportError as error:
             raise ChatFailure(self._transport_message(error, mid_reply=True)) from None
+        except asyncio.CancelledError:
+            # Ctrl-C: the service generates a reply apart from its connection, so ask it to stop.
+            if message_id is not None:
+                with suppress(httpx.HTTPError):
+                    await self.client.post(f"{path}/{message_id}/stop", timeout=5.0)
+            raise
         raise ChatFailure("The reply ended before it was complete; try again.")
 
     async def aclose(self) -> None:
@@ -323,7 +333,7 @@ class EmbeddedChat:
         async with _failures():
             stored = await self.services.conversations.get(self.user_id, conversation.id)
             turn = await self.services.chat.begin(self.user_id, stored, content)
-        async with aclosing(self.services.chat.run(turn)) as events:  # type: ignore[type-var]
+        async with aclosing(self.services.chat.run(turn)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     yield event.text

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from companion.types import NonBlankLine, NonBlankText, PersonalityName
 
-MessageStatus = Literal["complete", "streaming", "incomplete", "error"]
+MessageStatus = Literal["complete", "streaming", "stopped", "incomplete", "error"]
 
 
 class ConversationCreate(BaseModel):
@@ -49,6 +49,12 @@ class MessageOut(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     created_at: datetime
+    parent_id: int | None = Field(default=None, description="The message this one follows (None: the first).")
+    siblings: list[int] | None = Field(
+        default=None,
+        description="On the active path: the ids of this message and its alternatives (regenerated replies, "
+        "edited messages), oldest first; switch with POST .../messages/{id}/activate.",
+    )
 
 
 class MessagePage(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any
 
 from companion.errors import ProviderError, ProviderTimeout
 from companion.llm.base import ChatMessage, Chunk, GenerationParams, Usage, estimate_tokens
+from companion.llm.context import split_context
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
 
@@ -34,7 +35,7 @@ class ScriptedReply:
 
 def default_reply(messages: Sequence[ChatMessage]) -> str:
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
-    return f"You said: {last_user}"
+    return f"You said: {split_context(last_user)[1]}"  # what the user typed, not the notes before it
 
 
 class ScriptedProvider:

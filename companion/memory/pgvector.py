@@ -11,11 +11,13 @@ generation bump in the change's transaction, listing, deleting) is the relationa
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from companion.memory.fulltext import Scope, scope_clause
 from companion.memory.store import _FIELDS, MemoryOut, SqlVectorStore, _out
 from companion.storage.database import Database
 from companion.storage.models import Memory
@@ -42,7 +44,14 @@ async def pgvector_ready(database: Database) -> bool:
 
 class PgVectorStore(SqlVectorStore):
     async def search(
-        self, user_id: uuid.UUID, vector: np.ndarray, k: int, *, min_score: float = -1.0, generation: int | None = None
+        self,
+        user_id: uuid.UUID,
+        vector: np.ndarray,
+        k: int,
+        *,
+        min_score: float = -1.0,
+        generation: int | None = None,
+        scope: Scope = "all",
     ) -> list[MemoryOut]:
         if k <= 0:
             return []
@@ -52,16 +61,49 @@ class PgVectorStore(SqlVectorStore):
                 await session.execute(
                     text(
                         f"SELECT {columns}, 1 - (embedding_vec <=> CAST(:query AS vector)) AS score FROM memories "
-                        "WHERE user_id = :user_id AND model = :model AND embedding_vec IS NOT NULL "
-                        "ORDER BY embedding_vec <=> CAST(:query AS vector), id LIMIT :k"
+                        "WHERE user_id = :user_id AND model = :model AND embedding_vec IS NOT NULL"
+                        + scope_clause(scope)
+                        + " ORDER BY embedding_vec <=> CAST(:query AS vector), id LIMIT :k"
                     ),
                     {"query": vector_literal(vector), "user_id": user_id, "model": self.model_id, "k": k},
                 )
             ).all()
         return [_out(row, score=round(float(row.score), 4)) for row in rows if row.score >= min_score]
 
-    async def recent(self, user_id: uuid.UUID, n: int, *, generation: int | None = None) -> list[MemoryOut]:
-        page = await self.list(user_id, limit=max(n, 1))
+    async def text_search(
+        self,
+        user_id: uuid.UUID,
+        words: Sequence[str],
+        vector: np.ndarray,
+        k: int,
+        *,
+        generation: int | None = None,
+        scope: Scope = "all",
+    ) -> list[MemoryOut]:
+        if not words or k <= 0:
+            return []
+        columns = ", ".join(_FIELDS)
+        async with self._db.session() as session:
+            ids = await self._full_text.search(session, user_id, words, k, scope=scope)
+            if not ids:
+                return []
+            rows = (
+                await session.execute(
+                    text(
+                        f"SELECT {columns}, 1 - (embedding_vec <=> CAST(:query AS vector)) AS score FROM memories "
+                        "WHERE user_id = :user_id AND model = :model AND embedding_vec IS NOT NULL "
+                        "AND id = ANY(:ids)"
+                    ),
+                    {"query": vector_literal(vector), "user_id": user_id, "model": self.model_id, "ids": ids},
+                )
+            ).all()
+        found = {row.id: row for row in rows}
+        return [_out(found[i], score=round(float(found[i].score), 4)) for i in ids if i in found]
+
+    async def recent(
+        self, user_id: uuid.UUID, n: int, *, generation: int | None = None, scope: Scope = "all"
+    ) -> list[MemoryOut]:
+        page = await self.list(user_id, limit=max(n, 1), scope=scope)
         return page[:n]
 
     async def _write_vector(self, session: AsyncSession, row: Memory, vector: np.ndarray) -> None:

@@ -8,16 +8,21 @@ the same transaction; a search reads that generation and reuses the user's vecto
 memory only if it was loaded at that same generation. So the matrix is loaded once per change, not
 once per search, and a deleted memory is never found again, on any instance.
 
-Where PostgreSQL has pgvector, `companion/memory/pgvector.py` searches in the database instead.
+Words are searched in each database's full-text index (`companion/memory/fulltext.py`); the
+service fuses that ranking with the vector ranking. Where PostgreSQL has pgvector,
+`companion/memory/pgvector.py` runs the vector search in the database instead.
+
+Kinds: "episode" (a passage the user said, verbatim), "note" (added on purpose) and the fact kinds
+(name, person, place, preference, plan, fact), each fact pointing to its episode.
 """
 
 from __future__ import annotations
 
 import collections
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,8 +32,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.errors import NotFound
 from companion.locks import KeyedLocks
+from companion.memory import when
+from companion.memory.fulltext import EPISODE, FullTextIndex, Scope, full_text_for
 from companion.storage.database import Database
 from companion.storage.models import Memory, User
+
+
+class DateOut(BaseModel):
+    """A relative date in the memory's text, resolved against when it was said."""
+
+    model_config = ConfigDict(frozen=True)
+
+    phrase: str
+    start: date
+    end: date  # inclusive
 
 
 class MemoryOut(BaseModel):
@@ -36,9 +53,12 @@ class MemoryOut(BaseModel):
 
     id: uuid.UUID
     text: str
-    kind: str
+    kind: str  # "episode" (what the user said, verbatim), "note" (added on purpose) or a fact kind
     conversation_id: uuid.UUID | None = None
     source_message_id: int | None = None
+    episode_id: uuid.UUID | None = None  # a fact's episode
+    said_at: datetime | None = None  # when the user said it
+    dates: list[DateOut] = []  # relative dates in the text, resolved against `said_at`
     created_at: datetime
     updated_at: datetime
     score: float | None = None  # cosine similarity to the query, when found by a search
@@ -51,6 +71,9 @@ class NewMemory:
     vector: np.ndarray
     conversation_id: uuid.UUID | None = None
     source_message_id: int | None = None
+    episode_id: uuid.UUID | None = None
+    said_at: datetime | None = None  # None: now
+    dates: str | None = None  # `when.encode` of the resolved dates
 
 
 def memory_not_found() -> NotFound:
@@ -63,29 +86,70 @@ class VectorStore(Protocol):
         ...
 
     async def search(
-        self, user_id: uuid.UUID, vector: np.ndarray, k: int, *, min_score: float = -1.0, generation: int | None = None
+        self,
+        user_id: uuid.UUID,
+        vector: np.ndarray,
+        k: int,
+        *,
+        min_score: float = -1.0,
+        generation: int | None = None,
+        scope: Scope = "all",
     ) -> list[MemoryOut]:
-        """The user's `k` memories most similar to `vector` (a unit vector), best first, with `score`."""
+        """The user's `k` memories in `scope` most similar to `vector` (a unit vector), best first,
+        with `score`."""
         ...
 
-    async def recent(self, user_id: uuid.UUID, n: int, *, generation: int | None = None) -> list[MemoryOut]:
-        """The user's `n` most recently added or updated memories, newest first."""
+    async def text_search(
+        self,
+        user_id: uuid.UUID,
+        words: Sequence[str],
+        vector: np.ndarray,
+        k: int,
+        *,
+        generation: int | None = None,
+        scope: Scope = "all",
+    ) -> list[MemoryOut]:
+        """The user's `k` memories in `scope` that best match any of `words` (full text), best
+        first, each with its cosine similarity to `vector` as `score`. Memories embedded by another
+        model are left out (they are not searchable until re-embedded)."""
+        ...
+
+    async def recent(
+        self, user_id: uuid.UUID, n: int, *, generation: int | None = None, scope: Scope = "all"
+    ) -> list[MemoryOut]:
+        """The user's `n` most recently added or updated memories in `scope`, newest first."""
         ...
 
     async def add(self, user_id: uuid.UUID, memory: NewMemory, at: datetime) -> MemoryOut: ...
+
+    async def add_many(self, user_id: uuid.UUID, memories: Sequence[NewMemory], at: datetime) -> list[MemoryOut]:
+        """Add several memories in one transaction (one generation bump)."""
+        ...
 
     async def replace(self, user_id: uuid.UUID, memory_id: uuid.UUID, memory: NewMemory, at: datetime) -> MemoryOut:
         """Give an existing memory new text and vector (a restated or updated fact)."""
         ...
 
-    async def list(self, user_id: uuid.UUID, *, limit: int, offset: int = 0) -> list[MemoryOut]:
+    async def list(self, user_id: uuid.UUID, *, limit: int, offset: int = 0, scope: Scope = "all") -> list[MemoryOut]:
         """Newest (last updated) first."""
         ...
 
-    async def count(self, user_id: uuid.UUID) -> int: ...
+    async def count(self, user_id: uuid.UUID, *, scope: Scope = "all") -> int: ...
 
     async def delete(self, user_id: uuid.UUID, memory_id: uuid.UUID) -> None:
-        """Raises NotFound if the user has no such memory."""
+        """Delete a memory and, if it is an episode, the facts drawn from it. Raises NotFound if the
+        user has no such memory."""
+        ...
+
+    async def delete_from(
+        self, user_id: uuid.UUID, *, conversation_id: uuid.UUID | None = None, message_id: int | None = None
+    ) -> int:
+        """Delete the user's memories that came from a conversation, or from one message (episodes
+        and facts alike); how many."""
+        ...
+
+    async def delete_oldest_episodes(self, user_id: uuid.UUID, n: int) -> int:
+        """Delete the user's `n` oldest episodes (by when they were said) and their facts; how many."""
         ...
 
     async def delete_all(self, user_id: uuid.UUID) -> int: ...
@@ -96,15 +160,70 @@ class _Matrix:
     generation: int
     memories: list[MemoryOut]
     vectors: np.ndarray  # (len(memories), dimensions), unit rows
+    index: dict[uuid.UUID, int]  # memory id -> row
+    episodes: np.ndarray  # one bool per row: an episode
+    # Rows newest first, per scope, computed on first use: sorting 10,000 memories on every recall
+    # cost milliseconds, and the matrix is replaced (not changed) whenever a memory changes.
+    by_recency: dict[str, list[int]] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, generation: int, memories: list[MemoryOut], vectors: np.ndarray) -> _Matrix:
+        index = {memory.id: i for i, memory in enumerate(memories)}
+        episodes = np.fromiter((m.kind == EPISODE for m in memories), dtype=bool, count=len(memories))
+        return cls(generation, memories, vectors, index, episodes)
+
+    def in_scope(self, scope: Scope) -> np.ndarray | None:
+        """A boolean mask of the rows in `scope`; None for all rows."""
+        if scope == "all":
+            return None
+        return self.episodes if scope == "episodes" else ~self.episodes
+
+    def newest(self, scope: Scope) -> list[int]:
+        order = self.by_recency.get(scope)
+        if order is None:
+            mask = self.in_scope(scope)
+            rows = range(len(self.memories)) if mask is None else np.flatnonzero(mask).tolist()
+            memories = self.memories
+            order = sorted(rows, key=lambda i: (memories[i].updated_at, memories[i].created_at), reverse=True)
+            self.by_recency[scope] = order
+        return order
 
 
-_FIELDS = ("id", "text", "kind", "conversation_id", "source_message_id", "created_at", "updated_at")
+_FIELDS = (
+    "id",
+    "text",
+    "kind",
+    "conversation_id",
+    "source_message_id",
+    "episode_id",
+    "said_at",
+    "dates",
+    "created_at",
+    "updated_at",
+)
 _COLUMNS = tuple(getattr(Memory, name) for name in _FIELDS)
+
+
+def _values(row: Any) -> dict[str, Any]:
+    values = {name: getattr(row, name) for name in _FIELDS}
+    stored = values["dates"]
+    values["dates"] = [DateOut(phrase=r.phrase, start=r.start, end=r.end) for r in when.decode(stored)] if stored else []
+    if values["said_at"] is None:  # memories kept before migration 0005 were stored as they were said
+        values["said_at"] = values["created_at"]
+    return values
 
 
 def _out(row: Any, score: float | None = None) -> MemoryOut:
     """A memory from an ORM row or a result row with the `_FIELDS` columns."""
-    return MemoryOut(**{name: getattr(row, name) for name in _FIELDS}, score=score)
+    return MemoryOut(**_values(row), score=score)
+
+
+def scoped(query: Any, scope: Scope) -> Any:
+    if scope == "episodes":
+        return query.where(Memory.kind == EPISODE)
+    if scope == "facts":
+        return query.where(Memory.kind != EPISODE)
+    return query
 
 
 def _generation_of(user_id: uuid.UUID) -> Select[int]:
@@ -120,12 +239,25 @@ def to_bytes(vector: np.ndarray) -> bytes:
 
 
 class SqlVectorStore:
-    def __init__(self, database: Database, *, model_id: str, dimensions: int, max_cached_users: int = 256) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        model_id: str,
+        dimensions: int,
+        max_cached_users: int = 256,
+        max_cached_memories: int = 100_000,
+    ) -> None:
         self._db = database
+        self._full_text: FullTextIndex = full_text_for(database.dialect)
         self.model_id = model_id
         self.dimensions = dimensions
         self._matrices: collections.OrderedDict[uuid.UUID, _Matrix] = collections.OrderedDict()
         self.max_cached_users = max_cached_users
+        # A cached memory costs about 3.5 KB here (its vector and its Python object; docs/memory.md):
+        # the budget bounds the instance's cache near 350 MB however many memories its users have.
+        self.max_cached_memories = max_cached_memories
+        self._cached_memories = 0
         self._loading: KeyedLocks[uuid.UUID] = KeyedLocks()  # one load per user at a time
         self.loads = 0  # matrices loaded from the database (tests and benchmarks read it)
 
@@ -163,16 +295,21 @@ class SqlVectorStore:
                 else np.empty((0, self.dimensions), dtype=np.float32)
             )
             # Rows straight from our own table: no validation needed (10,000 of them cost ~10x more with it).
-            memories = [MemoryOut.model_construct(**{name: getattr(row, name) for name in _FIELDS}) for row in rows]
-            matrix = _Matrix(current, memories, vectors)
+            memories = [MemoryOut.model_construct(**_values(row)) for row in rows]
+            matrix = _Matrix.of(current, memories, vectors)
             self._keep(user_id, matrix)
         return matrix
 
     def _keep(self, user_id: uuid.UUID, matrix: _Matrix) -> None:
+        replaced = self._matrices.get(user_id)
+        self._cached_memories += len(matrix.memories) - (len(replaced.memories) if replaced is not None else 0)
         self._matrices[user_id] = matrix
         self._matrices.move_to_end(user_id)
-        while len(self._matrices) > self.max_cached_users:
-            self._matrices.popitem(last=False)
+        while len(self._matrices) > 1 and (
+            len(self._matrices) > self.max_cached_users or self._cached_memories > self.max_cached_memories
+        ):
+            _, dropped = self._matrices.popitem(last=False)
+            self._cached_memories -= len(dropped.memories)
 
     def _changed(self, user_id: uuid.UUID, generation: int | None, change: Callable[[_Matrix], _Matrix]) -> None:
         """After this instance committed one change that took the user from `generation - 1` to
@@ -183,16 +320,30 @@ class SqlVectorStore:
             return
         if generation is None or cached.generation != generation - 1:
             self._matrices.pop(user_id, None)
+            self._cached_memories -= len(cached.memories)
             return
         self._keep(user_id, change(cached))
 
     async def search(
-        self, user_id: uuid.UUID, vector: np.ndarray, k: int, *, min_score: float = -1.0, generation: int | None = None
+        self,
+        user_id: uuid.UUID,
+        vector: np.ndarray,
+        k: int,
+        *,
+        min_score: float = -1.0,
+        generation: int | None = None,
+        scope: Scope = "all",
     ) -> list[MemoryOut]:
         matrix = await self._matrix(user_id, generation)
         if not matrix.memories or k <= 0:
             return []
         scores = matrix.vectors @ np.asarray(vector, dtype=np.float32)
+        mask = matrix.in_scope(scope)
+        if mask is not None:
+            scores = np.where(mask, scores, -np.inf)
+            k = min(k, int(mask.sum()))
+            if k == 0:
+                return []
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
@@ -202,12 +353,43 @@ class SqlVectorStore:
             if scores[i] >= min_score
         ]
 
-    async def recent(self, user_id: uuid.UUID, n: int, *, generation: int | None = None) -> list[MemoryOut]:
+    async def text_search(
+        self,
+        user_id: uuid.UUID,
+        words: Sequence[str],
+        vector: np.ndarray,
+        k: int,
+        *,
+        generation: int | None = None,
+        scope: Scope = "all",
+    ) -> list[MemoryOut]:
+        if not words or k <= 0:
+            return []
         matrix = await self._matrix(user_id, generation)
-        return sorted(matrix.memories, key=lambda m: (m.updated_at, m.created_at), reverse=True)[:n]
+        if not matrix.memories:
+            return []
+        async with self._db.session() as session:
+            ids = await self._full_text.search(session, user_id, words, k, scope=scope)
+        # A row committed after the matrix was loaded is left to the next generation's search.
+        rows = [matrix.index[memory_id] for memory_id in ids if memory_id in matrix.index]
+        if not rows:
+            return []
+        scores = matrix.vectors[rows] @ np.asarray(vector, dtype=np.float32)
+        return [
+            matrix.memories[i].model_copy(update={"score": round(float(score), 4)})
+            for i, score in zip(rows, scores, strict=True)
+        ]
 
-    async def add(self, user_id: uuid.UUID, memory: NewMemory, at: datetime) -> MemoryOut:
-        row = Memory(
+    async def recent(
+        self, user_id: uuid.UUID, n: int, *, generation: int | None = None, scope: Scope = "all"
+    ) -> list[MemoryOut]:
+        if n <= 0:
+            return []
+        matrix = await self._matrix(user_id, generation)
+        return [matrix.memories[i] for i in matrix.newest(scope)[:n]]
+
+    def _row_of(self, user_id: uuid.UUID, memory: NewMemory, at: datetime) -> Memory:
+        return Memory(
             user_id=user_id,
             text=memory.text,
             kind=memory.kind,
@@ -215,18 +397,33 @@ class SqlVectorStore:
             model=self.model_id,
             conversation_id=memory.conversation_id,
             source_message_id=memory.source_message_id,
+            episode_id=memory.episode_id,
+            said_at=memory.said_at or at,
+            dates=memory.dates,
             created_at=at,
             updated_at=at,
         )
+
+    async def add(self, user_id: uuid.UUID, memory: NewMemory, at: datetime) -> MemoryOut:
+        (added,) = await self.add_many(user_id, [memory], at)
+        return added
+
+    async def add_many(self, user_id: uuid.UUID, memories: Sequence[NewMemory], at: datetime) -> list[MemoryOut]:
+        if not memories:
+            return []
+        rows = [self._row_of(user_id, memory, at) for memory in memories]
         async with self._db.session() as session:
-            session.add(row)
-            await self._write_vector(session, row, memory.vector)
+            session.add_all(rows)
+            await session.flush()  # ids assigned
+            for row, memory in zip(rows, memories, strict=True):
+                await self._write_vector(session, row, memory.vector)
             generation = await self._bump(session, user_id)
-        added = _out(row)
+            added = [_out(row) for row in rows]
+        vectors = np.vstack([_row(memory.vector) for memory in memories])
         self._changed(
             user_id,
             generation,
-            lambda m: _Matrix(generation or 0, [*m.memories, added], np.vstack([m.vectors, _row(memory.vector)])),
+            lambda m: _Matrix.of(generation or 0, [*m.memories, *added], np.vstack([m.vectors, vectors])),
         )
         return added
 
@@ -241,27 +438,27 @@ class SqlVectorStore:
                 memory.source_message_id,
                 at,
             )
+            row.episode_id, row.said_at, row.dates = memory.episode_id, memory.said_at or at, memory.dates
             await self._write_vector(session, row, memory.vector)
             generation = await self._bump(session, user_id)
             replaced = _out(row)
 
         def change(m: _Matrix) -> _Matrix:
-            index = next((i for i, kept in enumerate(m.memories) if kept.id == memory_id), None)
+            index = m.index.get(memory_id)
             if index is None:  # it was not searchable here (another model's vector): now it is
-                return _Matrix(generation or 0, [*m.memories, replaced], np.vstack([m.vectors, _row(memory.vector)]))
+                return _Matrix.of(generation or 0, [*m.memories, replaced], np.vstack([m.vectors, _row(memory.vector)]))
             vectors = m.vectors.copy()
             vectors[index] = _row(memory.vector)
-            return _Matrix(generation or 0, [*m.memories[:index], replaced, *m.memories[index + 1 :]], vectors)
+            return _Matrix.of(generation or 0, [*m.memories[:index], replaced, *m.memories[index + 1 :]], vectors)
 
         self._changed(user_id, generation, change)
         return replaced
 
-    async def list(self, user_id: uuid.UUID, *, limit: int, offset: int = 0) -> list[MemoryOut]:
+    async def list(self, user_id: uuid.UUID, *, limit: int, offset: int = 0, scope: Scope = "all") -> list[MemoryOut]:
         async with self._db.session() as session:
             rows = (
                 await session.execute(
-                    select(Memory)
-                    .where(Memory.user_id == user_id)
+                    scoped(select(Memory).where(Memory.user_id == user_id), scope)
                     .order_by(Memory.updated_at.desc(), Memory.id)
                     .limit(limit)
                     .offset(offset)
@@ -269,29 +466,78 @@ class SqlVectorStore:
             ).scalars()
             return [_out(row) for row in rows]
 
-    async def count(self, user_id: uuid.UUID) -> int:
+    async def count(self, user_id: uuid.UUID, *, scope: Scope = "all") -> int:
         async with self._db.session() as session:
-            return int(await session.scalar(select(func.count()).where(Memory.user_id == user_id)) or 0)
+            query = scoped(select(func.count()).select_from(Memory).where(Memory.user_id == user_id), scope)
+            return int(await session.scalar(query) or 0)
 
     async def delete(self, user_id: uuid.UUID, memory_id: uuid.UUID) -> None:
+        if not await self._delete(user_id, Memory.id == memory_id):
+            raise memory_not_found()
+
+    async def delete_from(
+        self, user_id: uuid.UUID, *, conversation_id: uuid.UUID | None = None, message_id: int | None = None
+    ) -> int:
+        conditions = []
+        if conversation_id is not None:
+            conditions.append(Memory.conversation_id == conversation_id)
+        if message_id is not None:
+            conditions.append(Memory.source_message_id == message_id)
+        if not conditions:
+            return 0
+        return len(await self._delete(user_id, *conditions))
+
+    async def delete_oldest_episodes(self, user_id: uuid.UUID, n: int) -> int:
+        if n <= 0:
+            return 0
         async with self._db.session() as session:
-            result = await session.execute(delete(Memory).where(Memory.id == memory_id, Memory.user_id == user_id))
-            if result.rowcount == 0:  # type: ignore[attr-defined]
-                raise memory_not_found()
+            ids = list(
+                (
+                    await session.execute(
+                        select(Memory.id)
+                        .where(Memory.user_id == user_id, Memory.kind == EPISODE)
+                        .order_by(Memory.said_at, Memory.created_at, Memory.id)
+                        .limit(n)
+                    )
+                ).scalars()
+            )
+        if not ids:
+            return 0
+        return len(await self._delete(user_id, Memory.id.in_(ids)))
+
+    async def _delete(self, user_id: uuid.UUID, *conditions: Any) -> set[uuid.UUID]:
+        """Delete the user's memories matching all `conditions`, and the facts of any episode among
+        them, in one transaction; the ids deleted (the generation is bumped only if there were any)."""
+        async with self._db.session() as session:
+            chosen = list((await session.execute(select(Memory.id).where(Memory.user_id == user_id, *conditions))).scalars())
+            if not chosen:
+                return set()
+            deleted = set(
+                (
+                    await session.execute(
+                        delete(Memory)
+                        .where(Memory.user_id == user_id, Memory.id.in_(chosen) | Memory.episode_id.in_(chosen))
+                        .returning(Memory.id)
+                    )
+                ).scalars()
+            )
             generation = await self._bump(session, user_id)
 
         def change(m: _Matrix) -> _Matrix:
-            keep = [i for i, kept in enumerate(m.memories) if kept.id != memory_id]
-            return _Matrix(generation or 0, [m.memories[i] for i in keep], m.vectors[keep])
+            keep = [i for i, kept in enumerate(m.memories) if kept.id not in deleted]
+            return _Matrix.of(generation or 0, [m.memories[i] for i in keep], m.vectors[keep])
 
         self._changed(user_id, generation, change)
+        return deleted
 
     async def delete_all(self, user_id: uuid.UUID) -> int:
         async with self._db.session() as session:
             result = await session.execute(delete(Memory).where(Memory.user_id == user_id))
             generation = await self._bump(session, user_id)
         self._changed(
-            user_id, generation, lambda m: _Matrix(generation or 0, [], np.empty((0, self.dimensions), dtype=np.float32))
+            user_id,
+            generation,
+            lambda m: _Matrix.of(generation or 0, [], np.empty((0, self.dimensions), dtype=np.float32)),
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 

@@ -11,6 +11,7 @@ from companion.cache import keys
 from companion.cache.codec import ModelCodec
 from companion.cache.tiered import Cached, TieredCache
 from companion.errors import NotFound
+from companion.interchange.cards import ParsedCard
 from companion.personalities.schemas import PersonalityCreate, PersonalityOut, PersonalityUpdate
 from companion.personalities.service import PersonalityService, _not_found
 from companion.storage.database import Database
@@ -50,6 +51,11 @@ class CachedPersonalityService(PersonalityService):
     async def create(self, user_id: uuid.UUID, data: PersonalityCreate) -> PersonalityOut:
         created = await super().create(user_id, data)
         await self._cache.invalidate(keys.personality(user_id, data.name))
+        return created
+
+    async def import_card(self, user_id: uuid.UUID, parsed: ParsedCard, name: str | None = None) -> PersonalityOut:
+        created = await super().import_card(user_id, parsed, name)
+        await self._cache.invalidate(keys.personality(user_id, created.name))
         return created
 
     async def update(self, user_id: uuid.UUID, name: str, data: PersonalityUpdate) -> PersonalityOut:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from companion.interchange.cards import CharacterCard
 from companion.types import NonBlankLine, NonBlankText, PersonalityName
 
 
@@ -41,3 +42,6 @@ class PersonalityOut(BaseModel):
     version: int
     created_at: datetime
     updated_at: datetime
+    card: CharacterCard | None = Field(
+        default=None, description="The character card it was imported from (POST /v1/personalities/import)."
+    )

@@ -9,6 +9,8 @@ from sqlalchemy import case, delete, select
 from sqlalchemy.exc import IntegrityError
 
 from companion.errors import Conflict, NotFound
+from companion.interchange import cards
+from companion.interchange.cards import CharacterCard, ParsedCard
 from companion.personalities.builtin import BUILTIN_PERSONALITIES
 from companion.personalities.schemas import PersonalityCreate, PersonalityOut, PersonalityUpdate
 from companion.storage.database import Database
@@ -27,6 +29,7 @@ def _out(row: Personality) -> PersonalityOut:
         version=row.version,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        card=CharacterCard.model_validate(row.card) if row.card else None,
     )
 
 
@@ -163,3 +166,64 @@ class PersonalityService:
             )
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise _not_found(name)
+
+    async def import_card(self, user_id: uuid.UUID, parsed: ParsedCard, name: str | None = None) -> PersonalityOut:
+        """Create the user's own personality from a character card. Without `name`, one is made from
+        the card's name (with -2, -3... if the user has it already). Raises Conflict if `name` is
+        given and taken."""
+        data = parsed.card.data
+        candidates = [name] if name else [cards.slug(data.name)]
+        if not name:
+            base = candidates[0][:36]
+            candidates += [f"{base}-{n}" for n in range(2, 50)]
+        display = " ".join(data.name.split())[:80] or candidates[0]
+        now = self._clock()
+        for candidate in candidates:
+            row = Personality(
+                id=uuid.uuid4(),
+                owner_id=user_id,
+                name=candidate,
+                display_name=display,
+                description=cards.blurb(data),
+                system_prompt=cards.system_prompt(data),
+                version=1,
+                created_at=now,
+                updated_at=now,
+                card=parsed.card.model_dump(mode="json", exclude_none=True),
+                avatar=parsed.avatar,
+            )
+            try:
+                async with self._db.session() as session:
+                    session.add(row)
+            except IntegrityError:
+                continue
+            return _out(row)
+        raise Conflict(
+            f"You already have a personality named {candidates[0]!r}; pick another name with ?name=.",
+            code="personality_exists",
+        )
+
+    async def card_of(self, user_id: uuid.UUID, name: str) -> tuple[CharacterCard, bytes | None]:
+        """The card of a personality the user sees (one made from scratch, or a global one, gets a
+        card built from its fields) and its picture, if one was imported. Raises NotFound."""
+        personality = await self.resolve(user_id, name)
+        if personality.card is None:
+            card = CharacterCard(
+                spec="chara_card_v2",
+                spec_version="2.0",
+                data=cards.CardData(
+                    name=personality.display_name,
+                    description=personality.description,
+                    system_prompt=personality.system_prompt,
+                ),
+            )
+            return card, None
+        avatar: bytes | None = None
+        if personality.card.has_avatar and personality.scope == "user":
+            async with self._db.session() as session:
+                avatar = (
+                    await session.execute(
+                        select(Personality.avatar).where(Personality.owner_id == user_id, Personality.name == name)
+                    )
+                ).scalar_one_or_none()
+        return personality.card, avatar

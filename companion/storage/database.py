@@ -4,6 +4,10 @@ SQLite runs in WAL mode with a busy timeout, and every transaction starts with B
 deferred transaction that reads and then writes can fail at once with "database is locked" whatever
 the busy timeout, while an immediate one waits its turn. Errors that mean "the database cannot be
 reached" are mapped to `ServiceUnavailable` (HTTP 503) in one place, `session()`.
+
+Waiting is not an outage: a request that waits longer than `pool_timeout` for a pooled connection
+(every one busy) gets `Overloaded` (503 `overloaded`, Retry-After), and the pool's wait is its own
+setting, longer than the connect timeout.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from companion.errors import ServiceUnavailable
+from companion.errors import Overloaded, ServiceUnavailable
+from companion.overload.loop import LagTolerantTimeout, LoopMonitor
 
 # Errors that say the server is gone or overloaded, not that the query was wrong.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -56,14 +61,19 @@ class Database:
         *,
         connect_timeout: float = 3.0,
         pool_size: int = 10,
+        pool_timeout: float | None = None,
         sqlite_busy_timeout_ms: int = 5000,
         ping_after_idle_seconds: float = 1.0,
         echo: bool = False,
+        loop: LoopMonitor | None = None,
     ) -> None:
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.connect_timeout = connect_timeout
+        self.pool_timeout = pool_timeout if pool_timeout is not None else max(connect_timeout * 3, 10.0)
+        self.loop = loop
+        self.pool_timeouts = 0  # requests answered `overloaded` because no pooled connection came in time
         kwargs: dict[str, Any] = {"echo": echo}
         if self.dialect == "sqlite":
             database = parsed.database
@@ -74,7 +84,8 @@ class Database:
             kwargs.update(
                 pool_size=pool_size,
                 max_overflow=pool_size,
-                pool_timeout=connect_timeout,
+                # The wait for a pooled connection when all are busy: overload, not an outage.
+                pool_timeout=self.pool_timeout,
                 # Not SQLAlchemy's pool_pre_ping, which pings on every checkout: a third of the cost
                 # of a one-statement session (docs/benchmarks.md). _ping_when_idle pings only a
                 # connection that sat unused for a while, the one a server restart would have killed.
@@ -109,20 +120,39 @@ class Database:
                     raise
         except ServiceUnavailable:
             raise
+        except exc.TimeoutError as error:
+            # Only the pool raises SQLAlchemy's TimeoutError: every connection was in use for the
+            # whole of pool_timeout. The database is fine; this worker is busy.
+            self.pool_timeouts += 1
+            raise Overloaded("The server is busy right now; retry in a moment.", retry_after=1) from error
         except BaseException as error:
             if _is_unavailable(error) and not isinstance(error, asyncio.CancelledError):
                 raise ServiceUnavailable("The database is unavailable right now; retry in a few seconds.") from error
             raise
 
     async def ping(self) -> float:
-        """Round-trip a trivial query; return its latency in ms. Raises ServiceUnavailable."""
+        """Round-trip a trivial query; return its latency in ms.
+
+        Raises ServiceUnavailable only on evidence that the database is down: a failed connect or
+        query, or no answer within the connect timeout of loop time (our own stalled event loop does
+        not count against it). Raises Overloaded when every pooled connection stayed busy for the
+        pool timeout: busy, not down."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                async with self.session() as session:
-                    await session.execute(text("SELECT 1"))
+            async with self.engine.connect() as connection:
+                async with LagTolerantTimeout(self.loop, self.connect_timeout, cap=self.pool_timeout):
+                    await connection.execute(text("SELECT 1"))
+        except exc.TimeoutError as error:
+            self.pool_timeouts += 1
+            raise Overloaded("The server is busy right now; retry in a moment.", retry_after=1) from error
         except TimeoutError as error:
             raise ServiceUnavailable("The database did not answer in time.") from error
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            if _is_unavailable(error):
+                raise ServiceUnavailable("The database is unavailable right now.") from error
+            raise
         return (time.perf_counter() - started) * 1000
 
     async def dispose(self) -> None:

@@ -98,6 +98,10 @@ class Personality(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The character card it was imported from (companion.interchange.cards.CardData), kept whole so
+    # that an export gives back what came in; and the card's PNG picture, if it came as one.
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    avatar: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class Preferences(Base):
@@ -119,18 +123,38 @@ class Conversation(Base):
     title: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The newest message of the active path (None: no messages yet). Messages form a tree through
+    # `Message.parent_id`; prompts, the buffer and the summary follow the path that ends here.
+    head_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+    __table_args__ = (
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        Index("ix_messages_parent_id", "parent_id"),
+        # The sweeper looks for replies still streaming every few seconds: only those are indexed.
+        Index(
+            "ix_messages_streaming",
+            "status",
+            sqlite_where=text("status = 'streaming'"),
+            postgresql_where=text("status = 'streaming'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    # The message this one follows (None: the first of the conversation, or one of its greetings).
+    # Siblings are alternatives: regenerated replies, or an edited user message.
+    parent_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
-    # complete | streaming | incomplete (client left mid-reply) | error (provider failed mid-reply)
+    # complete | streaming | stopped (stop requested) | incomplete (its instance died, or an
+    # OpenAI-compatible client left) | error (provider failed mid-reply)
     status: Mapped[str] = mapped_column(String(16), default="complete")
+    # While streaming: when its run last showed it was alive (every save, and a heartbeat while the
+    # model stalls). A streaming reply whose heartbeat is stale has lost its instance (companion.chat.runs).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -151,11 +175,17 @@ class ConversationSummary(Base):
 
 
 class Memory(Base):
-    """A durable fact about a user, with its embedding (float32, little-endian, `dimensions` long)
-    and where it came from. Searched per user only: every query filters on `user_id`."""
+    """Something the user said (`kind` "episode": a passage of their message, verbatim), a fact
+    distilled from it (pointing to its episode), or a note they added, with its embedding (float32,
+    little-endian, `dimensions` long), when it was said and where it came from. Searched per user
+    only: every query filters on `user_id`. Its words are indexed outside this model (migration 0005:
+    SQLite FTS5 `memories_fts`, PostgreSQL `text_tsv`)."""
 
     __tablename__ = "memories"
-    __table_args__ = (Index("ix_memories_user_id_updated_at", "user_id", "updated_at"),)
+    __table_args__ = (
+        Index("ix_memories_user_id_updated_at", "user_id", "updated_at"),
+        Index("ix_memories_conversation_id", "conversation_id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -169,3 +199,8 @@ class Memory(Base):
     source_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # A fact's episode (no foreign key: deleting an episode deletes its facts in the store).
+    episode_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    said_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # None: created_at
+    dates: Mapped[str | None] = mapped_column(Text, nullable=True)  # relative dates resolved, as JSON
+

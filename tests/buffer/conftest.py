@@ -10,6 +10,7 @@ import pytest
 from companion.cache.redis import RedisBackend, make_client
 from companion.conversations.buffer import ConversationBuffer, MemoryConversationBuffer, RedisConversationBuffer
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import TOPOLOGIES, backend_on
 
 MAX = 6
 
@@ -41,10 +42,15 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", *TOPOLOGIES])
 async def buffer(request: pytest.FixtureRequest, buffer_redis: RedisServer) -> AsyncIterator[ConversationBuffer]:
     if request.param == "memory":
         yield MemoryConversationBuffer(max_messages=MAX, ttl_seconds=3600, clock=Clock())
+        return
+    if request.param in TOPOLOGIES:
+        on_topology = backend_on(request.param, request)
+        yield RedisConversationBuffer(on_topology, max_messages=MAX, ttl_seconds=3600)
+        await on_topology.aclose()
         return
     buffer_redis.start()
     backend = RedisBackend(make_client(buffer_redis.url))

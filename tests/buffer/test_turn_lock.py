@@ -15,6 +15,7 @@ from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
 from companion.errors import Conflict
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import backend_on
 
 
 @pytest.fixture
@@ -28,13 +29,37 @@ async def backends(buffer_redis: RedisServer) -> AsyncIterator[tuple[RedisBacken
     buffer_redis.start()
 
 
-@pytest.fixture(params=["local", "redis-two-instances"])
+async def _two_on(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    first, second = backend_on(kind, request), backend_on(kind, request)
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+
+
+@pytest.fixture
+async def cluster_backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two clients on the private Redis Cluster, as two service instances would have."""
+    async for pair in _two_on("cluster", request):
+        yield pair
+
+
+@pytest.fixture
+async def sentinel_backends(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two clients on the private Sentinel set's primary."""
+    async for pair in _two_on("sentinel", request):
+        yield pair
+
+
+@pytest.fixture(params=["local", "redis-two-instances", "cluster-two-instances", "sentinel-two-instances"])
 def locks(request: pytest.FixtureRequest) -> tuple[TurnLock, TurnLock]:
     """Two lock objects that must exclude each other."""
     if request.param == "local":
         lock = LocalTurnLock(wait_seconds=0.3)
         return lock, lock
-    first, second = request.getfixturevalue("backends")
+    if request.param == "redis-two-instances":
+        first, second = request.getfixturevalue("backends")
+    else:
+        first, second = request.getfixturevalue(f"{request.param.split('-')[0]}_backends")
     return (
         RedisTurnLock(first, wait_seconds=0.3, lease_seconds=5, poll_seconds=0.005),
         RedisTurnLock(second, wait_seconds=0.3, lease_seconds=5, poll_seconds=0.005),

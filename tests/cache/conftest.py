@@ -13,6 +13,7 @@ from companion.cache.memory import MemoryBackend
 from companion.cache.redis import RedisBackend, make_client
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import TOPOLOGIES, backend_on, prepared_topology
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +55,24 @@ async def redis_backend(redis_url: str) -> AsyncIterator[RedisBackend]:
     await backend.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", *TOPOLOGIES])
 async def cache_backend(request: pytest.FixtureRequest) -> AsyncIterator[BackendCase]:
     """The same tests against both backends: MemoryBackend on a fake clock, RedisBackend on the
-    private server."""
+    private server, on the private Redis Cluster and on the private Sentinel set."""
     if request.param == "memory":
         clock = FakeClock()
         yield BackendCase(MemoryBackend(clock=clock), clock=clock)
+        return
+    if request.param in TOPOLOGIES:
+        backend = backend_on(request.param, request, breaker=CircuitBreaker(clock=FakeClock()))
+        inspector = prepared_topology(request.param, request)
+        if inspector.mode == "cluster":
+            await inspector.client.initialize()  # its pubsub() needs the slot map
+        try:
+            yield BackendCase(backend, redis=inspector.client)
+        finally:
+            await backend.aclose()
+            await inspector.aclose()
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     url: str = request.getfixturevalue("redis_url")

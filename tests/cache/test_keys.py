@@ -154,7 +154,7 @@ def test_personality_pattern_without_a_name_covers_every_personality_entry() -> 
 
 
 def test_namespace_pattern_names_one_namespace() -> None:
-    assert keys.namespace_pattern("apikey") == "companion:v1:apikey:*"
+    assert keys.namespace_pattern("apikey") == "companion:v1:{k:*}:apikey*"
     assert keys.namespace_pattern("personality") == "companion:v1:*:personality*"
     assert keys.namespace_pattern("prefs") == "companion:v1:*:prefs*"
 
@@ -226,3 +226,54 @@ def _crc16_slot(key: str) -> int:
             crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
             crc &= 0xFFFF
     return crc % 16384
+
+
+def _every_builder() -> list[str]:
+    conversation = uuid.uuid4()
+    return [
+        keys.personality(USER, "friendly"),
+        keys.personality(USER, "a:*"),
+        keys.preferences(USER),
+        keys.api_key("f" * 64),
+        keys.session(USER, "0123abcd"),
+        keys.session_index(USER),
+        keys.memory_search(USER, 0, conversation, "q"),
+        keys.token_quota(USER, "daily", "20240506"),
+        keys.rate_limit("chat", str(USER)),
+        keys.rate_limit("ip", "::1"),
+        keys.conversation_buffer(conversation),
+        keys.conversation_summary(conversation),
+        keys.conversation_lock(conversation),
+        keys.reply_events(42),
+        keys.reply_stop(42),
+    ]
+
+
+@pytest.mark.parametrize("key", _every_builder())
+def test_every_key_carries_exactly_one_hash_tag_right_after_the_prefix(key: str) -> None:
+    """Redis Cluster hashes only the first `{...}`: one tag, in a fixed place, decides the slot."""
+    assert re.fullmatch(r"companion:v1:\{[a-z]:[^{}]+\}:[^{}]+", key), key
+
+
+@pytest.mark.parametrize("key", _every_builder())
+def test_a_keys_loader_lock_lives_on_the_keys_slot(key: str) -> None:
+    """`set_if_locked` runs one Lua script over a key and its lock: they must share a slot."""
+    assert key_slot(keys.lock(key).encode()) == key_slot(key.encode())
+
+
+def test_a_reply_runs_keys_share_one_slot() -> None:
+    """The run log pipelines XADD on the stream with EXISTS on the stop key."""
+    assert key_slot(keys.reply_events(7).encode()) == key_slot(keys.reply_stop(7).encode())
+
+
+def test_a_conversations_keys_share_one_slot() -> None:
+    conversation = uuid.uuid4()
+    slots = {
+        key_slot(k.encode())
+        for k in (
+            keys.conversation_buffer(conversation),
+            keys.conversation_summary(conversation),
+            keys.conversation_lock(conversation),
+        )
+    }
+    assert len(slots) == 1

@@ -102,6 +102,24 @@ FACTS: list[tuple[str, list[tuple[str, str]]]] = [
         "Where do you live? I live in Oslo. Thanks!",
         [("The user lives in Oslo.", "place")],
     ),
+    # what ordinary speech says: past tense, what they are doing, habits, tools, "we" and "our"
+    ("I went to a pottery class last Saturday.", [("The user went to a pottery class last Saturday.", "fact")]),
+    ("I loved the ending of that book.", [("The user loved the ending of that book.", "fact")]),
+    ("I'm currently reading Dune.", [("The user is currently reading Dune.", "fact")]),
+    ("I usually use Figma for mockups.", [("The user usually uses Figma for mockups.", "fact")]),
+    ("I volunteer at the animal shelter.", [("The user volunteers at the animal shelter.", "fact")]),
+    ("I was so excited when I won the race.", [("The user was so excited when they won the race.", "fact")]),
+    ("I think I was wrong, I took the job.", [("The user thinks they were wrong, they took the job.", "fact")]),
+    ("We live in Rome.", [("The user and others live in Rome.", "place")]),
+    (
+        "We're driving up the coast next weekend for our anniversary.",
+        [("The user and others are driving up the coast next weekend for their anniversary.", "plan")],
+    ),
+    ("Our daughter started school.", [("The user's daughter started school.", "person")]),
+    # the addressee's name and greetings are not part of the fact; a place after a comma is
+    ("Hey Gina, I just adopted a puppy!", [("The user just adopted a puppy.", "fact")]),
+    ("I love hiking, Gina.", [("The user loves hiking.", "preference")]),
+    ("I live in Paris, France.", [("The user lives in Paris, France.", "place")]),
     # leading fillers
     ("Oh, and by the way, I live in Oslo.", [("The user lives in Oslo.", "place")]),
     ("Hey, my name is Kim.", [("The user's name is Kim.", "name")]),
@@ -139,7 +157,10 @@ NOT_FACTS = [
     "...!!!???",
     "The weather is nice today.",
     "Paris is the capital of France.",
-    "We live in Rome.",
+    "I'm feeling tired today.",
+    "I've been doing that for years.",
+    "I loved it.",
+    "Haha yes, same here.",
     "I like " + "very " * 60 + "long sentences.",
     "My name is " + "x" * 300 + ".",
 ]

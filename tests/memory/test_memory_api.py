@@ -32,7 +32,7 @@ async def listed(client: httpx.AsyncClient, **params: Any) -> list[dict[str, Any
 async def test_add_list_search_delete(client: httpx.AsyncClient) -> None:
     tea = await add(client, "I prefer green tea to coffee.")
     berlin = await add(client, "My sister Ana lives in Berlin.")
-    assert tea["text"] == "The user prefers green tea to coffee."
+    assert (tea["text"], tea["kind"]) == ("I prefer green tea to coffee.", "note")  # as written, not rewritten
     assert {m["id"] for m in await listed(client)} == {tea["id"], berlin["id"]}
 
     found = await listed(client, query="Where does my sister live?", limit=1)
@@ -90,6 +90,9 @@ async def test_memories_need_authentication(anon: httpx.AsyncClient) -> None:
         ("post", "/v1/memories", {"json": {"text": 5}}, 422),
         ("post", "/v1/memories", {"json": ["not", "an", "object"]}, 422),
         ("post", "/v1/memories", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
+        ("get", "/v1/memories", {"params": {"kind": "secrets"}}, 422),
+        ("delete", "/v1/memories", {"params": {"message_id": 0}}, 422),
+        ("delete", "/v1/memories", {"params": {"conversation_id": "x"}}, 422),
         ("delete", "/v1/memories/not-a-uuid", {}, 422),
         ("delete", "/v1/memories/companion:v1:{u:x}:memsearch", {}, 422),
         ("delete", f"/v1/memories/{uuid.uuid4()}", {}, 404),

@@ -18,7 +18,7 @@ import pytest
 from companion.errors import NotFound, SettingsError
 from companion.llm.scripted import ScriptedProvider
 from companion.memory.pgvector import PgVectorStore, pgvector_ready
-from companion.memory.store import NewMemory, SqlVectorStore
+from companion.memory.store import NewMemory, SqlVectorStore, to_bytes
 from companion.services import Services
 from companion.storage import migrate
 from companion.storage.database import Database
@@ -156,17 +156,25 @@ async def test_memories_written_before_the_migration_are_filled_in(empty_url: st
         await migrate.upgrade(database, "0003")  # the schema before pgvector's column
         admin = await asyncpg.connect(empty_url.replace("+asyncpg", ""), timeout=5)
         try:
-            user = uuid.uuid4()
+            user, kept_id = uuid.uuid4(), uuid.uuid4()
             await admin.execute("INSERT INTO users (id, name, created_at) VALUES ($1, 'old', now())", user)
+            # Written as the code of that time wrote it (today's store needs today's columns).
+            await admin.execute(
+                "INSERT INTO memories (id, user_id, text, kind, embedding, model, created_at, updated_at) "
+                "VALUES ($1, $2, 'from before pgvector', 'fact', $3, 'test-model', $4, $4)",
+                kept_id,
+                user,
+                to_bytes(unit(7)),
+                T0,
+            )
         finally:
             await admin.close()
-        old = SqlVectorStore(database, model_id="test-model", dimensions=DIMS)
-        kept = await old.add(user, memory("from before pgvector", 7), T0)
         await migrate.upgrade(database)
         assert await pgvector_ready(database)
         store = PgVectorStore(database, model_id="test-model", dimensions=DIMS)
         (found,) = await store.search(user, unit(7), 1)
-        assert (found.id, found.score) == (kept.id, 1.0)
+        assert (found.id, found.score) == (kept_id, 1.0)
+        assert found.said_at == T0  # a memory from before 0005 was said when it was stored
     finally:
         await database.dispose()
 
@@ -179,7 +187,7 @@ async def test_a_fact_is_recalled_through_pgvector_and_gone_from_the_next_recall
     assert kept is not None
     await services.memories.add(user, "I play the cello in an orchestra.")
     found = await services.memories.recall(user, "Where does my sister live?")
-    assert found[0].text == "The user's sister Ana lives in Berlin."
+    assert found[0].text == "My sister Ana lives in Berlin."  # a note, as written
     await services.memories.delete(user, kept.id)
     assert "The user's sister Ana lives in Berlin." not in [
         m.text for m in await services.memories.recall(user, "Where does my sister live?")

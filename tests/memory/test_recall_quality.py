@@ -56,7 +56,8 @@ async def test_recall_at_3_is_at_least_0_9(services: Services) -> None:
         kept = await services.memories.extract(user, None, message_id, fact)
         assert kept, f"no memory extracted from {fact!r}"
         source[message_id] = fact
-    assert len(await services.memories.list(user, limit=500)) == len(PAIRS)  # no fact merged into another
+    assert len(await services.memories.list(user, limit=500, scope="facts")) == len(PAIRS)  # no fact merged into another
+    assert len(await services.memories.list(user, limit=500, scope="episodes")) == len(PAIRS)
 
     misses = []
     for message_id, (fact, question) in enumerate(PAIRS, start=1):

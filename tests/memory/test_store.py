@@ -192,3 +192,21 @@ async def test_concurrent_searches_on_a_cold_cache_load_the_matrix_once(store: S
     results = await asyncio.gather(*(cold.search(alice, unit(i), 1, generation=generation) for i in range(10)))
     assert [r[0].text for r in results] == [f"m{i}" for i in range(10)]
     assert cold.loads == 1
+
+
+async def test_the_cached_matrices_stay_within_a_budget_of_memories(
+    services: Services, alice: uuid.UUID, bob: uuid.UUID
+) -> None:
+    store = SqlVectorStore(services.database, model_id="test-model", dimensions=DIMS, max_cached_memories=4)
+    await store.add_many(alice, [memory(f"a{i}", i) for i in range(3)], T0)
+    await store.add_many(bob, [memory(f"b{i}", 10 + i) for i in range(3)], T0)
+    alice_at, bob_at = await store.generation(alice), await store.generation(bob)
+    await store.search(alice, unit(1), 1, generation=alice_at)
+    await store.search(bob, unit(11), 1, generation=bob_at)  # 6 memories: alice's matrix makes room
+    assert store.loads == 2
+    await store.search(bob, unit(11), 1, generation=bob_at)
+    assert store.loads == 2
+    await store.search(alice, unit(1), 1, generation=alice_at)
+    assert store.loads == 3  # loaded again
+    # A single user above the budget is still kept (a search needs its matrix).
+    assert [m.text for m in await store.search(alice, unit(1), 1, generation=alice_at)] == ["a1"] and store.loads == 3

@@ -20,6 +20,7 @@ from companion.cache.redis import RedisBackend, make_client
 from companion.ratelimit.limiter import MICROS, Decision, Limit, MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from tests.ratelimit.conftest import FakeClock
 from tests.support.live import wait_for
+from tests.support.redis_topologies import TOPOLOGIES, backend_on, prepared_topology
 
 DEADLINE = 10.0
 
@@ -58,11 +59,20 @@ class LimiterCase:
         return admitted[0]
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "memory", *TOPOLOGIES])
 async def case(request: pytest.FixtureRequest) -> AsyncIterator[LimiterCase]:
     if request.param == "memory":
         clock = FakeClock()
         yield LimiterCase("memory", MemoryRateLimiter(clock=clock), clock=clock)
+        return
+    if request.param in TOPOLOGIES:
+        on_topology = backend_on(request.param, request)
+        inspector = prepared_topology(request.param, request)
+        try:
+            yield LimiterCase("redis", RedisRateLimiter(on_topology), redis=inspector.client)
+        finally:
+            await on_topology.aclose()
+            await inspector.aclose()
         return
     url: str = request.getfixturevalue("redis_url")
     backend = RedisBackend(make_client(url))

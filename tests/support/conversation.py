@@ -6,6 +6,7 @@ counting the SQL statements that read message rows."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -22,19 +23,32 @@ from companion.cache import keys
 from companion.conversations.buffer import MemoryConversationBuffer, RedisConversationBuffer
 from companion.conversations.turns import LocalTurnLock, RedisTurnLock
 from companion.llm.base import ChatMessage
+from companion.llm.context import split_context
 from companion.services import Services
 from tests.support.live import SSEEvent, iter_sse
 
 DEADLINE = 10.0  # seconds; generous, only there so that a regression fails instead of hanging
-SUMMARY_HEADER = "\n\nSummary of the earlier conversation:\n"
-_SELECT_MESSAGES = re.compile(r"^\s*SELECT\b.*\bFROM\s+messages\b", re.IGNORECASE | re.DOTALL)
+SUMMARY_LINE = "Summary of the earlier conversation: "
+# (A read of the active path starts with its recursive CTE: WITH RECURSIVE path ... SELECT ... FROM messages.)
+_SELECT_MESSAGES = re.compile(r"^\s*(WITH\b.*)?SELECT\b.*\bFROM\s+messages\b", re.IGNORECASE | re.DOTALL)
 
 Pair = tuple[str, str]
 
 
 def pairs(messages: Sequence[ChatMessage] | Sequence[dict[str, Any]]) -> list[Pair]:
-    """(role, content) of prompt messages or of stored messages (API dicts)."""
-    return [(m["role"], m["content"]) if isinstance(m, dict) else (m.role, m.content) for m in messages]
+    """(role, content) of prompt messages (without the context block the newest user message may
+    begin with) or of stored messages (API dicts)."""
+    return [(m["role"], m["content"]) if isinstance(m, dict) else (m.role, split_context(m.content)[1]) for m in messages]
+
+
+def prompt_summary(prompt: Sequence[ChatMessage]) -> str | None:
+    """The running summary a prompt carries (in the context block of its newest message), if any;
+    it is never in the system message."""
+    assert prompt[0].role == "system" and SUMMARY_LINE not in prompt[0].content
+    context, _ = split_context(prompt[-1].content)
+    found = [line for line in context.splitlines() if line.startswith(SUMMARY_LINE)]
+    assert len(found) <= 1, context
+    return json.loads(found[0].removeprefix(SUMMARY_LINE)) if found else None  # type: ignore[no-any-return]
 
 
 def messages_url(conversation_id: str) -> str:
@@ -142,7 +156,8 @@ class MessageReads:
 
     @property
     def by_turns(self) -> list[str]:
-        return [s for name, s in self.statements if not name.startswith("summarize-")]
+        # Neither the background summarizer nor the sweeper of dead replies (every few seconds) is a turn.
+        return [s for name, s in self.statements if not name.startswith(("summarize-", "reply-sweeper"))]
 
     @property
     def by_summarizer(self) -> list[str]:

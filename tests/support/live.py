@@ -74,6 +74,7 @@ async def wait_for(
 class SSEEvent:
     event: str | None
     data: str
+    id: str | None = None
 
     def json(self) -> Any:
         return json.loads(self.data)
@@ -82,13 +83,16 @@ class SSEEvent:
 async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
     """Parse a text/event-stream response incrementally, one event as soon as it is complete."""
     event: str | None = None
+    event_id: str | None = None
     data: list[str] = []
     async for line in response.aiter_lines():
         if line == "":
             if data:
-                yield SSEEvent(event, "\n".join(data))
-            event, data = None, []
+                yield SSEEvent(event, "\n".join(data), event_id)
+            event, event_id, data = None, None, []
         elif line.startswith("event:"):
             event = line[6:].strip()
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].lstrip(" "))

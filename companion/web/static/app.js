@@ -12,7 +12,9 @@ const state = {
   draft: null, // the personality chosen for a conversation not created yet
   oldestMessageId: null,
   streaming: false,
+  reply: null, // the reply streaming now: {conversationId, messageId, lastId, ended}
   editing: null, // name of the personality being edited
+  promptTokens: 0, // the newest reply's prompt size: how full the context is
 };
 
 class ApiError extends Error {
@@ -79,7 +81,7 @@ const api = {
   delete: (path) => request("DELETE", path),
 };
 
-// Server-Sent Events from a fetch response: yields {event, data} as each event completes.
+// Server-Sent Events from a fetch response: yields {event, data, id} as each event completes.
 async function* readEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -92,12 +94,14 @@ async function* readEvents(body) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       let event = "message";
+      let id = null;
       const data = [];
       for (const line of block.split("\n")) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("id:")) id = line.slice(3).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
       }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")), id };
     }
   }
 }
@@ -307,6 +311,13 @@ function renderPersonalityList() {
   list.replaceChildren();
   for (const p of state.personalities) {
     const actions = el("div", { className: "row" }, [button("Chat", () => choosePersonality(p.name), "primary small")]);
+    actions.append(
+      el("a", {
+        className: "button ghost small export-card",
+        text: "Export card",
+        attrs: { href: `/v1/personalities/${encodeURIComponent(p.name)}/export`, download: "" },
+      }),
+    );
     if (p.scope === "user") {
       actions.append(
         button("Edit", () => editPersonality(p)),
@@ -403,6 +414,14 @@ function markActiveConversation(id) {
 
 function setChatHeader() {
   const name = state.conversation ? state.conversation.personality : state.draft;
+  $("conversation-tools").hidden = !state.conversation;
+  if (state.conversation) {
+    const base = `/v1/conversations/${state.conversation.id}/export`;
+    $("export-json").href = base;
+    $("export-json").download = `conversation-${state.conversation.id}.json`;
+    $("export-markdown").href = `${base}?format=markdown`;
+    $("export-markdown").download = `conversation-${state.conversation.id}.md`;
+  }
   $("title").textContent = name ? displayName(name) : "New chat";
   $("subtitle").textContent = state.conversation ? state.conversation.title || "" : name ? "New conversation" : "";
 }
@@ -420,6 +439,15 @@ function newChat() {
 }
 
 function choosePersonality(name) {
+  if (hasGreeting(name)) {
+    // A character card's greeting opens the conversation: create it now and show the greeting.
+    guarded(async () => {
+      const created = await api.post("/v1/conversations", { personality: name });
+      await loadConversations();
+      await openConversation(created.id);
+    })();
+    return;
+  }
   newChat();
   state.draft = name;
   $("picker").hidden = true;
@@ -466,11 +494,12 @@ async function deleteConversation(c) {
 // --- messages --------------------------------------------------------------------------------------
 
 const STATUS_NOTES = {
+  stopped: "Stopped.",
   incomplete: "The reply stopped early.",
   error: "The model failed while answering.",
 };
 
-function messageItem(role, content, status = "complete") {
+function messageItem(role, content, status = "complete", message = null) {
   const name = state.conversation ? state.conversation.personality : state.draft;
   const text = el("div", { className: "text", text: content });
   const bubble = el("div", { className: "bubble" }, [text]);
@@ -479,7 +508,161 @@ function messageItem(role, content, status = "complete") {
     bubble,
   ]);
   if (STATUS_NOTES[status]) bubble.append(el("p", { className: "status-note", text: STATUS_NOTES[status] }));
+  if (message) {
+    item.dataset.id = message.id;
+    bubble.append(messageTools(item, message));
+  }
   return item;
+}
+
+// Swipe between alternatives, regenerate a reply, edit one of your messages; token usage.
+function messageTools(item, m) {
+  const tools = el("div", { className: "message-tools" });
+  const siblings = m.siblings || [m.id];
+  if (siblings.length > 1) {
+    const at = siblings.indexOf(m.id);
+    const noun = m.role === "user" ? "version" : "reply";
+    const go = (index) => guarded(() => activate(siblings[index]));
+    tools.append(
+      button("‹", go(at - 1), "ghost small swipe-prev", { "aria-label": `Previous ${noun}`, ...(at === 0 ? { disabled: "" } : {}) }),
+      el("span", { className: "swipe-count", text: `${at + 1}/${siblings.length}` }),
+      button("›", go(at + 1), "ghost small swipe-next", {
+        "aria-label": `Next ${noun}`,
+        ...(at === siblings.length - 1 ? { disabled: "" } : {}),
+      }),
+    );
+  }
+  if (m.role === "assistant" && m.parent_id !== null) {
+    tools.append(button("Regenerate", guarded(() => regenerate(item, m)), "ghost small regenerate"));
+  }
+  if (m.role === "user") tools.append(button("Edit", () => startEdit(item, m), "ghost small edit"));
+  if (m.role === "assistant" && m.prompt_tokens !== null && m.prompt_tokens !== undefined) {
+    tools.append(el("span", { className: "token-note", text: `${m.prompt_tokens + m.completion_tokens} tokens` }));
+  }
+  return tools;
+}
+
+function removeFrom(item) {
+  while (item.nextSibling) item.nextSibling.remove();
+  item.remove();
+}
+
+async function activate(messageId) {
+  if (state.streaming) return;
+  await api.post(`/v1/conversations/${state.conversation.id}/messages/${messageId}/activate`);
+  await loadMessages();
+}
+
+async function regenerate(item, m) {
+  if (state.streaming) return;
+  setStreaming(true);
+  try {
+    removeFrom(item);
+    await streamReply(state.conversation.id, null, `/v1/conversations/${state.conversation.id}/messages/${m.id}/regenerate`, {});
+  } finally {
+    setStreaming(false);
+    await refreshThread();
+  }
+}
+
+function startEdit(item, m) {
+  if (state.streaming) return;
+  const bubble = item.querySelector(".bubble");
+  const box = el("textarea", { className: "edit-box", attrs: { "aria-label": "Edit your message", maxlength: "8000" } });
+  box.value = m.content;
+  const save = button("Send edit", guarded(() => sendEdit(item, m, box.value.trim())), "primary small edit-send");
+  const cancel = button("Cancel", () => loadMessages().catch(showError), "ghost small");
+  bubble.replaceChildren(box, el("div", { className: "row" }, [save, cancel]));
+  box.focus();
+}
+
+async function sendEdit(item, m, content) {
+  if (!content || state.streaming) return;
+  setStreaming(true);
+  try {
+    removeFrom(item);
+    $("messages").append(messageItem("user", content));
+    await streamReply(state.conversation.id, content, `/v1/conversations/${state.conversation.id}/messages/${m.id}/edit`);
+  } finally {
+    setStreaming(false);
+    await refreshThread();
+  }
+}
+
+// The messages again (with their ids and alternatives), the usage, and the sidebar's titles.
+async function refreshThread() {
+  if (!state.conversation) return;
+  await loadMessages().catch(showError);
+  if (state.csrf) loadConversations().catch(showError);
+}
+
+// --- usage ---------------------------------------------------------------------------------------
+
+async function loadUsage() {
+  const usage = await api.get("/v1/usage?days=1&months=1");
+  const parts = [];
+  if (state.conversation && state.promptTokens) {
+    parts.push(`Context ${Math.min(100, Math.round((100 * state.promptTokens) / usage.context_tokens))}% full`);
+  }
+  const today = usage.days[usage.days.length - 1].total_tokens;
+  const daily = usage.quotas.find((q) => q.window === "daily");
+  const monthly = usage.quotas.find((q) => q.window === "monthly");
+  parts.push(`${today.toLocaleString()} tokens today`);
+  if (daily) parts.push(`${daily.remaining.toLocaleString()} left today`);
+  if (monthly) parts.push(`${monthly.remaining.toLocaleString()} left this month`);
+  $("usage").textContent = parts.join(" · ");
+  $("usage").hidden = false;
+}
+
+// --- import and export ---------------------------------------------------------------------------
+
+async function upload(path, file) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method: "POST",
+      headers: { ...headersFor("POST", false), "Content-Type": file.type || "application/octet-stream" },
+      body: file,
+      credentials: "same-origin",
+    });
+  } catch {
+    throw new ApiError(0, "Cannot reach the server. Check your connection and try again.", "network");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
+async function importCard(file) {
+  const created = await upload("/v1/personalities/import", file);
+  await loadPersonalities();
+  flash(`Imported ${created.display_name}.`);
+}
+
+async function importChats(file) {
+  const created = await upload("/v1/conversations/import", file);
+  await loadConversations();
+  flash(`Imported ${created.length} conversation${created.length === 1 ? "" : "s"}.`);
+  if (created.length) await openConversation(created[0].id);
+}
+
+function flash(message) {
+  $("notice").textContent = message;
+  $("notice").hidden = false;
+  setTimeout(() => {
+    if ($("notice").textContent === message) $("notice").hidden = true;
+  }, 4000);
+}
+
+function hasGreeting(name) {
+  const found = personality(name);
+  return Boolean(found && found.card && (found.card.data.first_mes || (found.card.data.alternate_greetings || []).length));
+}
+
+function settleItem(item, status) {
+  item.dataset.status = status;
+  if (STATUS_NOTES[status] && !item.querySelector(".status-note")) {
+    item.querySelector(".bubble").append(el("p", { className: "status-note", text: STATUS_NOTES[status] }));
+  }
 }
 
 function scrollToEnd() {
@@ -489,26 +672,59 @@ function scrollToEnd() {
 
 async function loadMessages() {
   const page = await api.get(`/v1/conversations/${state.conversation.id}/messages?limit=100`);
-  $("messages").replaceChildren(...page.data.map((m) => messageItem(m.role, m.content, m.status)));
+  $("messages").replaceChildren(...page.data.map((m) => messageItem(m.role, m.content, m.status, m)));
+  const replies = page.data.filter((m) => m.role === "assistant" && m.prompt_tokens !== null);
+  state.promptTokens = replies.length ? replies[replies.length - 1].prompt_tokens : 0;
+  loadUsage().catch(() => {});
   state.oldestMessageId = page.data.length ? page.data[0].id : null;
   $("load-earlier").hidden = !page.has_more;
   $("thread-empty").textContent = `Say hello to ${displayName(state.conversation.personality)}.`;
   $("thread-empty").hidden = page.data.length > 0;
   scrollToEnd();
+  const last = page.data[page.data.length - 1];
+  if (last && last.role === "assistant" && last.status === "streaming" && !state.streaming) {
+    // Still being generated (the page was reloaded, or opened elsewhere): follow it from the text
+    // shown. Event ids count characters (code points), as Array.from does.
+    const item = $("messages").lastElementChild;
+    const progress = {
+      conversationId: state.conversation.id,
+      messageId: last.id,
+      lastId: String(Array.from(last.content).length),
+      ended: false,
+    };
+    setStreaming(true, progress);
+    resumeReply(item, progress)
+      .catch(showError)
+      .finally(() => setStreaming(false));
+  }
 }
 
 async function loadEarlier() {
   const id = state.conversation.id;
   const page = await api.get(`/v1/conversations/${id}/messages?limit=100&before=${state.oldestMessageId}`);
-  $("messages").prepend(...page.data.map((m) => messageItem(m.role, m.content, m.status)));
+  $("messages").prepend(...page.data.map((m) => messageItem(m.role, m.content, m.status, m)));
   if (page.data.length) state.oldestMessageId = page.data[0].id;
   $("load-earlier").hidden = !page.has_more;
 }
 
-function setStreaming(on) {
+function setStreaming(on, reply = null) {
   state.streaming = on;
+  state.reply = on ? reply : null;
   $("send").disabled = on;
   $("composer").classList.toggle("busy", on);
+  $("stop").hidden = !(on && reply && reply.messageId !== null);
+}
+
+async function stopReply() {
+  const reply = state.reply;
+  if (!reply || reply.messageId === null) return;
+  $("stop").disabled = true;
+  try {
+    // The stream then ends by itself with the reply's final state.
+    await api.post(`/v1/conversations/${reply.conversationId}/messages/${reply.messageId}/stop`);
+  } finally {
+    $("stop").disabled = false;
+  }
 }
 
 function titleFrom(content) {
@@ -538,21 +754,20 @@ async function sendMessage() {
     await streamReply(state.conversation.id, content);
   } finally {
     setStreaming(false);
-    if (state.csrf) loadConversations().catch(showError);
+    await refreshThread();
   }
 }
 
-async function streamReply(conversationId, content) {
+async function streamReply(conversationId, content, path = null, body = { content }) {
   const reply = messageItem("assistant", "", "streaming");
-  const text = reply.querySelector(".text");
   $("messages").append(reply);
   scrollToEnd();
   let response;
   try {
-    response = await fetch(`/v1/conversations/${conversationId}/messages`, {
+    response = await fetch(path || `/v1/conversations/${conversationId}/messages`, {
       method: "POST",
       headers: { ...headersFor("POST", true), Accept: "text/event-stream" },
-      body: JSON.stringify({ content }),
+      body: JSON.stringify(body),
       credentials: "same-origin",
     });
   } catch {
@@ -565,25 +780,72 @@ async function streamReply(conversationId, content) {
     else await loadMessages().catch(() => {}); // shows what the server kept (the message may be stored)
     throw error;
   }
+  const progress = { conversationId, messageId: null, lastId: null, ended: false };
+  setStreaming(true, progress);
   try {
-    for await (const { event, data } of readEvents(response.body)) {
-      if (event === "token") {
-        text.textContent += data.text;
-        scrollToEnd();
-      } else if (event === "done") {
-        text.textContent = data.content;
-        reply.dataset.status = "complete";
-      } else if (event === "error") {
-        reply.dataset.status = "error";
-        reply.querySelector(".bubble").append(el("p", { className: "status-note", text: STATUS_NOTES.error }));
-        showError(data.error.message);
-      }
-    }
+    await readReply(reply, response, progress);
   } catch {
-    reply.dataset.status = "incomplete";
-    throw new ApiError(0, "The connection dropped mid-reply; what arrived so far was saved.", "network");
+    // The connection dropped; the reply goes on on the server: pick it up below.
   }
-  if (reply.dataset.status === "streaming") reply.dataset.status = "incomplete";
+  if (!progress.ended) await resumeReply(reply, progress);
+}
+
+// Read a reply's events into its item; `progress` remembers the last event id, to resume after it.
+async function readReply(reply, response, progress) {
+  const text = reply.querySelector(".text");
+  for await (const { event, data, id } of readEvents(response.body)) {
+    if (id !== null) progress.lastId = id;
+    if (event === "message") {
+      progress.messageId = data.message_id;
+      setStreaming(true, progress); // the Stop button needs the reply's id
+    } else if (event === "token") {
+      text.textContent += data.text;
+      scrollToEnd();
+    } else if (event === "done") {
+      progress.ended = true;
+      text.textContent = data.content;
+      settleItem(reply, data.finish_reason === "stopped" ? "stopped" : "complete");
+    } else if (event === "error") {
+      progress.ended = true;
+      const interrupted = data.error.code === "reply_interrupted";
+      // Its server died: show the text kept (a little of what arrived may not have been saved).
+      if (interrupted && typeof data.content === "string") text.textContent = data.content;
+      settleItem(reply, interrupted ? "incomplete" : "error");
+      if (!interrupted) showError(data.error.message);
+    }
+  }
+}
+
+// Resume a reply after a lost connection or a reload: the server replays what came after the last
+// event received (Last-Event-ID) and follows the rest live, so no text is shown twice.
+async function resumeReply(reply, progress) {
+  const url = `/v1/conversations/${progress.conversationId}/messages/${progress.messageId}/stream`;
+  for (let attempt = 0; attempt < 6 && !progress.ended && progress.messageId !== null; attempt++) {
+    if (attempt) await new Promise((resolve) => setTimeout(resolve, 500 * attempt));
+    const headers = { Accept: "text/event-stream" };
+    if (progress.lastId !== null) headers["Last-Event-ID"] = progress.lastId;
+    let response;
+    try {
+      response = await fetch(url, { headers, credentials: "same-origin" });
+    } catch {
+      continue;
+    }
+    if (response.status === 401) {
+      signedOut("Your session has ended; sign in again.");
+      return;
+    }
+    if (response.status === 404) break;
+    if (!response.ok) continue;
+    try {
+      await readReply(reply, response, progress);
+    } catch {
+      // dropped again: try again
+    }
+  }
+  if (!progress.ended) {
+    settleItem(reply, "incomplete");
+    throw new ApiError(0, "The connection dropped mid-reply; reload the page to see the rest of it.", "network");
+  }
 }
 
 function resizeComposer() {
@@ -681,6 +943,7 @@ function wire() {
     );
   }
   $("composer").addEventListener("submit", guarded(sendMessage));
+  $("stop").addEventListener("click", guarded(stopReply));
   $("message").addEventListener("input", resizeComposer);
   $("message").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -700,6 +963,24 @@ function wire() {
   $("memory-search").addEventListener("submit", guarded(loadMemories));
   $("memory-refresh").addEventListener("click", guarded(loadMemories));
   $("forget-all").addEventListener("click", guarded(forgetEverything));
+  $("import-card").addEventListener("click", () => $("card-file").click());
+  $("card-file").addEventListener(
+    "change",
+    guarded(async () => {
+      const file = $("card-file").files[0];
+      $("card-file").value = "";
+      if (file) await importCard(file);
+    }),
+  );
+  $("import-chats").addEventListener("click", () => $("chats-file").click());
+  $("chats-file").addEventListener(
+    "change",
+    guarded(async () => {
+      const file = $("chats-file").files[0];
+      $("chats-file").value = "";
+      if (file) await importChats(file);
+    }),
+  );
 }
 
 async function boot() {

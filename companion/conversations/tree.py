@@ -1,0 +1,65 @@
+"""A conversation as a tree of messages: each message names its parent, and the conversation names
+the newest message of its active path (`head_id`). Regenerated replies and edited messages are
+siblings; the active path is what prompts, the buffer and the summary see.
+
+Ids grow along every path (a message is always stored after its parent), so a path read from its
+end is also in id order. These helpers run inside the caller's session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import Select, literal, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from companion.storage.models import Message
+
+
+def path_select(head_id: int | None, *, limit: int | None = None) -> Select[Any]:
+    """A query for the ids of the path ending at `head_id` (its newest `limit` when given), for
+    use as a subquery: `Message.id.in_(path_select(head))`."""
+    start = select(Message.id, Message.parent_id, literal(1).label("depth")).where(Message.id == head_id)
+    path = start.cte("path", recursive=True)
+    parent = aliased(Message)
+    step = select(parent.id, parent.parent_id, (path.c.depth + 1).label("depth")).join(
+        path, parent.id == path.c.parent_id
+    )
+    if limit is not None:
+        step = step.where(path.c.depth < limit)
+    path = path.union_all(step)
+    return select(path.c.id)
+
+
+async def path_ids(session: AsyncSession, head_id: int | None, *, limit: int | None = None) -> list[int]:
+    """The ids of the path ending at `head_id`, oldest first (its newest `limit` when given)."""
+    if head_id is None:
+        return []
+    ids = [int(value) for value in (await session.execute(path_select(head_id, limit=limit))).scalars()]
+    ids.sort()
+    return ids
+
+
+async def children_of(session: AsyncSession, conversation_id: uuid.UUID) -> dict[int | None, list[int]]:
+    """Every message's children, in id order (None: the roots)."""
+    rows = (
+        await session.execute(
+            select(Message.id, Message.parent_id).where(Message.conversation_id == conversation_id).order_by(Message.id)
+        )
+    ).all()
+    children: dict[int | None, list[int]] = defaultdict(list)
+    for message_id, parent_id in rows:
+        children[parent_id].append(message_id)
+    return children
+
+
+def newest_leaf(children: dict[int | None, list[int]], message_id: int) -> int:
+    """Going down from `message_id` by the newest child each time: the end of the branch that
+    switching to this message shows."""
+    current = message_id
+    while children.get(current):
+        current = children[current][-1]
+    return current
