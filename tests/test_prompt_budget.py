@@ -5,17 +5,17 @@ memories of known sizes (the estimate is about three characters a token, plus fo
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from companion.llm.context import split_context
 from companion.llm.scripted import ScriptedProvider
 from companion.personalities.schemas import PersonalityCreate
 from companion.services import Services
 from tests.conftest import make_settings
-
-MEMORY_HEADER = "What you remember about the user from earlier conversations (use it when relevant):"
 
 
 def message(number: int) -> str:
@@ -40,11 +40,12 @@ async def cleanup() -> AsyncIterator[list[Services]]:
 @pytest.mark.parametrize(
     ("max_tokens", "kept"),
     [
-        # A 256-token context; the system prompt "You are Pip. Keep replies to a short paragraph
-        # unless asked for more." is 27 tokens, each message 24.
-        (56, [5, 6, 7, 8, 9, 10, 11]),  # 173 tokens left: the seven newest
-        (128, [8, 9, 10, 11]),  # 101 left: the four newest
-        (200, [11]),  # 29 left: only the new message
+        # A 256-token context; the system prompt ("You are Pip. Keep replies to a short paragraph
+        # unless asked for more." and the rule for reading the context block) is 113 tokens, each
+        # message 24; there is no context block (no memories, no summary).
+        (8, [7, 8, 9, 10, 11]),  # 135 tokens left: the five newest
+        (56, [9, 10, 11]),  # 87 left: the three newest
+        (100, [11]),  # 43 left: only the new message
         (240, [11]),  # none left: the new message all the same
     ],
 )
@@ -66,12 +67,12 @@ async def test_the_history_is_cut_to_the_context_minus_the_reply_oldest_first(
     turn = await services.chat.begin(user.id, conversation, message(11))
     await turn.release()
     assert turn.prompt[0].role == "system"
-    assert turn.prompt[0].content == "You are Pip. Keep replies to a short paragraph unless asked for more."
+    assert turn.prompt[0].content.startswith("You are Pip. Keep replies to a short paragraph unless asked for more. ")
     assert [m.content for m in turn.prompt[1:]] == [message(n) for n in kept]
     assert turn.params.max_tokens == max_tokens
 
 
-MEMORIES = [  # 15 to 18 tokens each as stored ("The user plays the cello every Sunday.")
+MEMORIES = [
     "I play the cello every Sunday.",
     "I grow tomatoes on my balcony.",
     "My sister Ana lives in Berlin.",
@@ -82,9 +83,11 @@ MEMORIES = [  # 15 to 18 tokens each as stored ("The user plays the cello every 
 @pytest.mark.parametrize(
     ("budget", "lines"),
     [
-        (0, 0),  # no memory fits: no memory section at all
-        (20, 1),  # any one fits (at most 18 tokens), no two do (at least 32)
-        (40, 2),  # any two fit (at most 36 tokens), no three do (at least 47)
+        # Each memory line ('- Sun 29 Nov 2026, the user said: "I am allergic to peanuts."') is 61
+        # to 67 characters: 25 to 27 tokens; the recall brings at least two of the four.
+        (0, 0),  # no memory fits: no context block at all
+        (30, 1),  # any one fits, no two do (at least 50 tokens)
+        (60, 2),  # any two fit (at most 54 tokens)
     ],
 )
 async def test_memories_in_the_prompt_are_cut_to_the_memory_token_budget(
@@ -93,14 +96,16 @@ async def test_memories_in_the_prompt_are_cut_to_the_memory_token_budget(
     services = await started(database_url, tmp_path, memory_token_budget=budget)
     cleanup.append(services)
     user = await services.users.create("alice")
-    stored = {(await services.memories.add(user.id, text)).text for text in MEMORIES}  # type: ignore[union-attr]
-    assert len(stored) == 4
+    for text in MEMORIES:
+        assert await services.memories.add(user.id, text) is not None
     conversation = await services.conversations.create(user.id, "elara")
 
-    turn = await services.chat.begin(user.id, conversation, "What do you know about my hobbies and my family?")
+    question = "What do you know about my hobbies and my family?"
+    turn = await services.chat.begin(user.id, conversation, question)
     await turn.release()
-    system = turn.prompt[0].content
-    shown = [line[2:] for line in system.split("\n") if line.startswith("- ")]
-    assert len(shown) == lines, system
-    assert set(shown) <= stored
-    assert (MEMORY_HEADER in system) == (lines > 0)
+    context, text = split_context(turn.prompt[-1].content)
+    assert text == question
+    shown = [line for line in context.splitlines() if line.startswith("- ")]
+    assert len(shown) == lines, context
+    assert all(json.loads(line.split(" the user said: ", 1)[1]) in MEMORIES for line in shown), shown
+    assert (context != "") == (lines > 0)

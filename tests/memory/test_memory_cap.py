@@ -43,13 +43,13 @@ async def test_memories_stop_at_the_cap_per_user(database_url: str, tmp_path: Pa
             refused = await add(alice, "I play the cello every Sunday.")
             error = assert_error(refused, 422, "too_many_memories")
             assert str(CAP) in error["message"]
-            full = {"The user likes green tea.", "The user's sister Ana lives in Berlin."}
+            full = {"I like green tea.", "My sister Ana lives in Berlin."}
             assert await texts(alice) == full
 
             # A near-duplicate of a kept memory is an update, not an addition: allowed at the cap.
             again = await add(alice, "I like green tea!")
             assert again.status_code == 201 and again.json()["id"] == tea.json()["id"], again.text
-            full = {"The user likes green tea!", "The user's sister Ana lives in Berlin."}
+            full = {"I like green tea!", "My sister Ana lives in Berlin."}
             assert await texts(alice) == full
 
             # Facts found in chat are not added either, and the reply is not affected.
@@ -65,7 +65,7 @@ async def test_memories_stop_at_the_cap_per_user(database_url: str, tmp_path: Pa
             # Deleting makes room again.
             assert (await alice.delete(f"/v1/memories/{tea.json()['id']}")).status_code == 204
             assert (await add(alice, "I play the cello every Sunday.")).status_code == 201
-            assert await texts(alice) == {"The user's sister Ana lives in Berlin.", "The user plays the cello every Sunday."}
+            assert await texts(alice) == {"My sister Ana lives in Berlin.", "I play the cello every Sunday."}
         finally:
             for client in clients:
                 await client.aclose()
