@@ -330,4 +330,4 @@ async def test_with_the_4000_character_cap_rows_extend_until_a_base_row_and_the_
     assert "Turn 1 " not in newest  # the oldest lines are only in the older rows
     turn = await services.chat.begin(user.id, conversation, "What do you remember?")
     await turn.release()
-    assert turn.prompt[0].content.endswith(SUMMARY_HEADER + newest)
+    assert prompt_summary(turn.prompt) == newest
