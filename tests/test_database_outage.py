@@ -210,7 +210,7 @@ async def test_a_recall_whose_database_read_fails_lets_the_reply_go_ahead_and_is
 
         async def recalled_again() -> bool:
             found = await services.memories.recall(user, "Tell me about my sister.")
-            return [m.text for m in found] == ["The user's sister Ana lives in Berlin."]
+            return "My sister Ana lives in Berlin." in [m.text for m in found]
 
         await wait_for(recalled_again, timeout=DEADLINE, what="recalls to succeed again")
         assert recalls("failed") == 2 and recalls("ok") >= 1
