@@ -47,11 +47,14 @@ def said(turn: int) -> str:
     return f"Turn {turn} is here. Extra detail {turn}."
 
 
-def summary_line(message: Stored | dict[str, Any]) -> str:
-    """The extractive line for one of `said`'s messages or its scripted reply (first sentence only)."""
-    role, content = (message["role"], message["content"]) if isinstance(message, dict) else message[1:3]
-    first = content.split(". ", 1)[0] + "."
-    return f"The user said: {first}" if role == "user" else f"You replied: {first}"
+def summary_through(turns: int) -> str:
+    """The extractive summary of turns 1..`turns` of `said` and their scripted replies ("You said:
+    ..."), written out: each message's first sentence on its own line."""
+    return "\n".join(
+        line
+        for turn in range(1, turns + 1)
+        for line in (f"The user said: Turn {turn} is here.", f"You replied: You said: Turn {turn} is here.")
+    )
 
 
 async def summary_rows(services: Services, conversation_id: str | uuid.UUID) -> list[Row]:
@@ -108,9 +111,8 @@ async def test_summaries_are_additive_and_never_delete_a_message(client: httpx.A
         assert now_rows[: len(rows)] == rows, "a summary row was changed or deleted"
         assert len(now_rows) == max(turn - 2, 0), f"turn {turn}: {now_rows}"  # one new row per turn from turn 3
         assert_additive(now_rows)
-        for _, upto, content in now_rows:
-            # Exactly the first sentence of each message up to `upto`, in order: deterministic.
-            assert content == "\n".join(summary_line(m) for m in now_messages if m[0] <= upto)
+        # Row n covers turns 1..n (a turn's two messages leave the window two turns later).
+        assert [content for _, _, content in now_rows] == [summary_through(n) for n in range(1, turn - 1)]
         if now_rows:
             # Only messages that left the window: the newest WINDOW ones are never in it.
             assert now_rows[-1][1] == now_messages[-WINDOW - 1][0]
