@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from companion.llm.base import ChatMessage
-from companion.llm.scripted import ScriptedProvider
+from companion.llm.context import split_context
+from companion.llm.scripted import ScriptedProvider, ScriptedReply
 from companion.storage.models import ConversationSummary
 from tests.conftest import make_settings, new_client
 from tests.support.api import all_messages, assert_error, chat, create_conversation, running_server, user_client
@@ -25,6 +26,12 @@ from tests.support.live import LiveServer, iter_sse
 from tests.support.redis_proc import RedisProcess, running_redis
 
 WINDOW = 6
+
+
+def said(prompt: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(role, text) of prompt messages without the context block (memories recalled in the
+    background may or may not be there yet; what is tested here is the history)."""
+    return [(m.role, split_context(m.content)[1]) for m in prompt]
 
 
 def _url(conversation: str, message: int, action: str) -> str:
@@ -67,7 +74,7 @@ async def test_regenerate_streams_a_new_reply_and_keeps_the_old_one(
     done = events[-1].json()
     assert events[-1].event == "done" and done["user_message_id"] == first["user_message_id"]
     assert done["usage"]["completion_tokens"] == 3
-    assert pairs(provider.prompts[-1]) == pairs(original_prompt)  # the same question, asked again
+    assert said(provider.prompts[-1]) == said(original_prompt)  # the same question, asked again
 
     path = await all_messages(client, conversation)
     assert [m["content"] for m in path] == ["Hello!", "Second answer, longer."]
@@ -78,7 +85,7 @@ async def test_regenerate_streams_a_new_reply_and_keeps_the_old_one(
     assert await _activate(client, conversation, first["message_id"]) == first["message_id"]
     assert [m["content"] for m in await all_messages(client, conversation)] == ["Hello!", "First answer."]
     await chat(client, conversation, "And then?")
-    assert pairs(provider.prompts[-1][1:]) == [
+    assert said(provider.prompts[-1][1:]) == [
         ("user", "Hello!"),
         ("assistant", "First answer."),
         ("user", "And then?"),
@@ -97,7 +104,7 @@ async def test_editing_a_message_starts_a_branch_and_both_stay(client: httpx.Asy
     await chat(client, conversation, "And tigers?")
 
     edited = await _edit(client, conversation, second["user_message_id"], "Tell me about wolves.")
-    assert pairs(provider.prompts[-1][1:]) == [
+    assert said(provider.prompts[-1][1:]) == [
         ("user", "I like cats."),
         ("assistant", "You said: I like cats."),
         ("user", "Tell me about wolves."),
@@ -118,12 +125,12 @@ async def test_editing_a_message_starts_a_branch_and_both_stay(client: httpx.Asy
         "You said: And tigers?",
     ]
     await chat(client, conversation, "Bears?")
-    assert ("user", "Tell me about wolves.") not in pairs(provider.prompts[-1])
-    assert pairs(provider.prompts[-1])[-2] == ("assistant", "You said: And tigers?")
+    assert ("user", "Tell me about wolves.") not in said(provider.prompts[-1])
+    assert said(provider.prompts[-1])[-2] == ("assistant", "You said: And tigers?")
 
     # Editing the first message branches from the very start.
     root = await _edit(client, conversation, second["user_message_id"] - 2, "I like dogs.")
-    assert pairs(provider.prompts[-1][1:]) == [("user", "I like dogs.")]
+    assert said(provider.prompts[-1][1:]) == [("user", "I like dogs.")]
     assert [m["content"] for m in await all_messages(client, conversation)] == ["I like dogs.", root["content"]]
 
 
@@ -189,7 +196,7 @@ async def test_switching_branches_rebuilds_the_buffer_on_two_instances(
             before = len(provider.prompts)
             done = await chat(client, conversation, text)
             path = [m for m in await all_messages(client, conversation) if m["id"] <= done["user_message_id"]]
-            assert pairs(provider.prompts[before][1:]) == pairs(path[-WINDOW:])
+            assert said(provider.prompts[before][1:]) == pairs(path[-WINDOW:])
 
         await prompt_follows_the_path(on_b, b.provider, "After the edit, on B.")
         await _activate(on_b, conversation, turns[4]["message_id"])  # the original reply to message 4
@@ -237,3 +244,40 @@ async def test_the_running_summary_follows_the_active_path(database_url: str, tm
         async with services.database.session() as session:
             rows = (await session.execute(select(ConversationSummary.id))).scalars().all()
         assert len(rows) >= 3  # summaries are only ever added
+
+
+async def test_a_regenerated_reply_is_a_run_that_can_be_stopped_and_resumed(
+    client: httpx.AsyncClient, provider: ScriptedProvider
+):
+    conversation = (await create_conversation(client))["id"]
+    first = await chat(client, conversation, "Tell me a story.")
+    provider.queue(ScriptedReply("Once upon a time there was", hang_after=3))
+    request = client.build_request("POST", _url(conversation, first["message_id"], "regenerate"))
+    response = await client.send(request, stream=True)
+    try:
+        events = iter_sse(response)
+        async with asyncio.timeout(DEADLINE):
+            opened = await anext(events)
+            tokens = [await anext(events) for _ in range(3)]
+        message_id = opened.json()["message_id"]
+        assert opened.json()["user_message_id"] == first["user_message_id"]
+        assert "".join(t.json()["text"] for t in tokens) == "Once upon a "
+        # ... and stoppable.
+        stopped = await client.post(f"/v1/conversations/{conversation}/messages/{message_id}/stop")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+        async with asyncio.timeout(DEADLINE):
+            rest = [event async for event in events]
+    finally:
+        await response.aclose()
+    assert rest[-1].event == "done" and rest[-1].json()["finish_reason"] == "stopped"
+    # Resumable from another connection like any reply: replayed after its first event, to its end.
+    async with client.stream(
+        "GET", f"/v1/conversations/{conversation}/messages/{message_id}/stream", headers={"Last-Event-ID": "0"}
+    ) as resumed:
+        assert resumed.status_code == 200
+        replayed = [event async for event in iter_sse(resumed)]
+    assert "".join(e.json()["text"] for e in replayed if e.event == "token") == "Once upon a "
+    assert replayed[-1].event == "done"
+    path = await all_messages(client, conversation)
+    assert (path[-1]["id"], path[-1]["status"], path[-1]["content"]) == (message_id, "stopped", "Once upon a ")
+    assert path[-1]["siblings"] == [first["message_id"], message_id]

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from companion.app import create_app
-from companion.errors import Overloaded
+from companion.errors import Overloaded, ProviderTimeout
 from companion.llm.base import ChatMessage, Chunk, GenerationParams
 from companion.llm.factory import build_provider
 from companion.llm.local import LlamaCppProvider, bundled_model_path, default_parallel
@@ -218,6 +218,15 @@ async def test_cancelling_the_reading_task_stops_generation_and_frees_the_slot(m
     with pytest.raises(asyncio.CancelledError):
         await task
     await _assert_stopped_and_free(provider)
+
+
+async def test_a_model_that_produces_nothing_in_time_is_a_504_and_frees_its_slot(make_provider: MakeProvider) -> None:
+    # No model processes a prompt and produces a token within a millisecond: the wait runs out.
+    provider = await make_provider(parallel=1, queue_size=0, token_timeout_seconds=0.001)
+    with pytest.raises(ProviderTimeout, match="LLM_TIMEOUT_SECONDS"):
+        await _first_text(provider.stream(PROMPT, LONG))
+    assert provider.slot_stats().active == 0
+    await wait_for(lambda: provider.generation_metrics()["requests_processing"] == 0, what="the slot to go idle")
 
 
 async def test_any_gguf_file_by_path_with_its_own_chat_template(tmp_path: Path) -> None:

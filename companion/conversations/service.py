@@ -342,7 +342,9 @@ class ConversationService:
                 raise _conversation_not_found()
             query = select(Message).where(Message.conversation_id == conversation_id)
             if not whole_tree:
-                query = query.where(Message.id.in_(tree.path_select(head[0])))
+                # The newest page (the usual read) walks only as far back along the path as it shows.
+                depth = limit + 1 if before is None and after is None else None
+                query = query.where(Message.id.in_(tree.path_select(head[0], limit=depth)))
             if after is not None:
                 query = query.where(Message.id > after).order_by(Message.id.asc())
             else:
@@ -356,7 +358,7 @@ class ConversationService:
                 rows.reverse()
             if whole_tree:
                 return [_message_out(r) for r in rows], has_more
-            children = await tree.children_of(session, conversation_id)
+            children = await tree.siblings_of(session, conversation_id, {r.parent_id for r in rows})
         return [_message_out(r).model_copy(update={"siblings": children[r.parent_id]}) for r in rows], has_more
 
     async def recent_messages(self, conversation_id: uuid.UUID, count: int) -> Sequence[MessageOut]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from companion.conversations.schemas import ConversationOut
@@ -73,24 +73,33 @@ async def import_(
         )
         session.add(row)
         await session.flush()
+        # Two bulk statements, not one per message: insert all (ids come back in order), then point
+        # each at its parent's new id.
         new_ids: dict[int, int] = {}
-        for message in conversation.messages:
-            new_ids[message.id] = (
-                await session.execute(
-                    insert(Message)
-                    .values(
-                        conversation_id=row.id,
-                        parent_id=new_ids[message.parent_id] if message.parent_id is not None else None,
-                        role=message.role,
-                        content=message.content,
-                        status=message.status,
-                        prompt_tokens=message.prompt_tokens,
-                        completion_tokens=message.completion_tokens,
-                        created_at=message.created_at,
-                    )
-                    .returning(Message.id)
-                )
-            ).scalar_one()
+        if conversation.messages:
+            inserted = await session.execute(
+                insert(Message).returning(Message.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "conversation_id": row.id,
+                        "role": message.role,
+                        "content": message.content,
+                        "status": message.status,
+                        "prompt_tokens": message.prompt_tokens,
+                        "completion_tokens": message.completion_tokens,
+                        "created_at": message.created_at,
+                    }
+                    for message in conversation.messages
+                ],
+            )
+            new_ids = {m.id: int(new_id) for m, new_id in zip(conversation.messages, inserted.scalars(), strict=True)}
+            parents = [
+                {"id": new_ids[m.id], "parent_id": new_ids[m.parent_id]}
+                for m in conversation.messages
+                if m.parent_id is not None
+            ]
+            if parents:
+                await session.execute(update(Message), parents)
         row.head_id = new_ids[conversation.head_id] if conversation.head_id is not None else None
         created.append(
             ConversationOut(

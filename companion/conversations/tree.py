@@ -12,7 +12,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import Select, literal, select
+from sqlalchemy import ColumnElement, Select, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -48,6 +48,28 @@ async def children_of(session: AsyncSession, conversation_id: uuid.UUID) -> dict
     rows = (
         await session.execute(
             select(Message.id, Message.parent_id).where(Message.conversation_id == conversation_id).order_by(Message.id)
+        )
+    ).all()
+    children: dict[int | None, list[int]] = defaultdict(list)
+    for message_id, parent_id in rows:
+        children[parent_id].append(message_id)
+    return children
+
+
+async def siblings_of(
+    session: AsyncSession, conversation_id: uuid.UUID, parents: set[int | None]
+) -> dict[int | None, list[int]]:
+    """The children of just these parents (None: the roots), in id order: a page's alternatives
+    without reading the whole tree."""
+    wanted = [parent for parent in parents if parent is not None]
+    condition: ColumnElement[bool] = Message.parent_id.in_(wanted)
+    if None in parents:
+        condition = or_(condition, Message.parent_id.is_(None))
+    rows = (
+        await session.execute(
+            select(Message.id, Message.parent_id)
+            .where(Message.conversation_id == conversation_id, condition)
+            .order_by(Message.id)
         )
     ).all()
     children: dict[int | None, list[int]] = defaultdict(list)

@@ -157,11 +157,9 @@ class MemoryService:
             return []  # never had a memory: no embedding needed
 
         async def search() -> _Recalled:
-            (vector,) = await self.embedder.embed([query])
             relevant = await self.hybrid(
                 user_id,
                 query,
-                vector,
                 self.config.top_k,
                 generation=generation,
                 min_score=self.config.min_score,
@@ -183,24 +181,34 @@ class MemoryService:
         self,
         user_id: uuid.UUID,
         query: str,
-        vector: np.ndarray,
         k: int,
         *,
+        vector: np.ndarray | None = None,
         generation: int | None = None,
         scope: Scope = "all",
         min_score: float = -1.0,
         text_min_score: float = -1.0,
     ) -> builtins.list[MemoryOut]:
-        """The user's `k` memories best for `query`: the ranking by meaning (cosine to `vector`) and
-        the ranking by words (full text) fused by reciprocal rank. A memory found by meaning needs
-        cosine ≥ `min_score`, one found by words ≥ `text_min_score`; `score` is the cosine."""
+        """The user's `k` memories best for `query`: the ranking by meaning (cosine to the query's
+        embedding, `vector` if given) and the ranking by words (full text) fused by reciprocal rank.
+        A memory found by meaning needs cosine ≥ `min_score`, one found by words ≥ `text_min_score`;
+        `score` is the cosine. The word query runs while the query is embedded."""
         n = max(k, self.config.candidates)
         words = terms(query)
-        by_meaning, by_words = await asyncio.gather(
-            self.store.search(user_id, vector, n, generation=generation, scope=scope),
-            self.store.text_search(user_id, words, vector, n, generation=generation, scope=scope),
-        )
-        found = {m.id: m for m in by_meaning} | {m.id: m for m in by_words}
+        matching = asyncio.ensure_future(self.store.match(user_id, words, n, scope=scope)) if words else None
+        try:
+            if vector is None:
+                (vector,) = await self.embedder.embed([query])
+            by_meaning = await self.store.search(user_id, vector, n, generation=generation, scope=scope)
+            ids = await matching if matching is not None else []
+        finally:
+            if matching is not None and not matching.done():
+                matching.cancel()
+        found = {m.id: m for m in by_meaning}
+        missing = [memory_id for memory_id in ids if memory_id not in found]
+        if missing:
+            found |= {m.id: m for m in await self.store.scored(user_id, missing, vector, generation=generation)}
+        by_words = [found[memory_id] for memory_id in ids if memory_id in found]
         admitted = {m.id for m in by_meaning if (m.score or 0.0) >= min_score} | {
             m.id for m in by_words if (m.score or 0.0) >= text_min_score
         }
@@ -221,8 +229,7 @@ class MemoryService:
     ) -> builtins.list[MemoryOut]:
         if not self.enabled:
             raise memory_disabled()
-        (vector,) = await self.embedder.embed([query])
-        return await self.hybrid(user_id, query, vector, limit, scope=scope)
+        return await self.hybrid(user_id, query, limit, scope=scope)
 
     async def add(
         self,

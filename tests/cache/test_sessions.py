@@ -120,7 +120,7 @@ async def test_an_unused_session_expires(cache_backend: BackendCase) -> None:
     async def expired() -> bool:  # looks without authenticating, which would slide the expiry
         return await cache_backend.backend.get(keys.session(ALICE, info.id)) is None
 
-    await cache_backend.after_ttl(expired)
+    await cache_backend.after_ttl(expired, key=keys.session(ALICE, info.id))
     assert await sessions.authenticate(token) is None
     assert await sessions.list(ALICE) == []
 

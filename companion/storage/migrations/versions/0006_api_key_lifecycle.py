@@ -1,7 +1,7 @@
 """api key lifecycle: a name for each key and when it was last used
 
 Revision ID: 0006
-Revises: 0008
+Revises: 0005
 Create Date: 2026-11-29
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 from companion.storage.models import UTCDateTime
 
 revision = "0006"
-down_revision = "0008"  # issued as "0004"; chained after main's head (0008) at merge time
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
