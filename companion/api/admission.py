@@ -21,8 +21,9 @@ from companion.errors import Overloaded
 from companion.overload.admission import Gate, Permit
 
 UNGATED = ("/health", "/metrics")
-# The routes that start a chat turn (a model generation).
-_TURN_ROUTES = re.compile(r"^/v1/(conversations/[^/]+/messages|chat/completions)/?$")
+# The routes that start a chat turn (a model generation): a message, a regenerated reply or an
+# edited message (companion.api.branches), and OpenAI's chat completions.
+_TURN_ROUTES = re.compile(r"^/v1/(conversations/[^/]+/messages(/[^/]+/(regenerate|edit))?|chat/completions)/?$")
 _PERMIT = "admission_permit"
 
 

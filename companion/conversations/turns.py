@@ -94,11 +94,16 @@ class RedisTurnLock:
             key = keys.conversation_lock(conversation_id)
             token = uuid.uuid4().hex
             held = await self._acquire(conversation_id, key, token)
-            renewer = asyncio.create_task(self._keep(key, token)) if held else None
+            done = asyncio.Event()
+            renewer = asyncio.create_task(self._keep(key, token, done)) if held else None
             try:
                 yield
             finally:
                 if renewer is not None:
+                    # The event, not only the cancellation, ends the renewer: under overload a
+                    # cancellation can be lost in the Redis client's nested timeouts, and a renewer
+                    # that looped on would hold this turn (and its admission slot) forever.
+                    done.set()
                     renewer.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await renewer
@@ -141,9 +146,13 @@ class RedisTurnLock:
                 raise busy(conversation_id)
             await asyncio.sleep(self.poll_seconds)
 
-    async def _keep(self, key: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+    async def _keep(self, key: str, token: str, done: asyncio.Event) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.lease_seconds / 3):
+                    await done.wait()
+            if done.is_set():
+                return
             try:
                 await self._backend.run(lambda: self._renew(keys=[key], args=[token, int(self.lease_seconds * 1000)]))
             except CacheUnavailable:

@@ -111,6 +111,7 @@ class MemoryService:
         self.stats = MemoryStats()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._writers: KeyedLocks[uuid.UUID] = KeyedLocks()  # one writer per user in this instance
+        self._cleared: dict[uuid.UUID, datetime] = {}  # when each user last forgot everything (here)
 
     @property
     def enabled(self) -> bool:
@@ -262,6 +263,13 @@ class MemoryService:
         return await self.store.delete_from(user_id, conversation_id=conversation_id, message_id=message_id)
 
     async def delete_all(self, user_id: uuid.UUID) -> int:
+        """Forget everything. Nothing said before it comes back: an extraction already running on this
+        instance is waited for (then deleted with the rest), and one scheduled later for a message
+        said before it (a reply that settles afterwards) is dropped."""
+        self._cleared[user_id] = self._clock()
+        pending = [task for task in self._tasks if task.get_name().startswith("memory-extract-")]  # type: ignore[attr-defined]
+        if pending:
+            await asyncio.wait(pending)
         return await self.store.delete_all(user_id)
 
     # --- extraction ------------------------------------------------------------------------------
@@ -319,6 +327,9 @@ class MemoryService:
         """Remember a user's message now: its episodes (if `config.episodes`), then its facts, each
         fact pointing to the episode it is closest to. Returns the facts kept (added or updated)."""
         said_at = said_at or self._clock()
+        cleared = self._cleared.get(user_id)
+        if cleared is not None and said_at < cleared:
+            return []  # said before the user asked to forget everything
         facts: builtins.list[Fact] = []
         if self.config.extractor in ("rules", "both"):
             facts += rule_facts(text)

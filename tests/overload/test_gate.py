@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from companion.api.admission import is_turn
 from companion.errors import Overloaded
 from companion.overload.admission import Admission, Gate, Permit
 
@@ -180,3 +181,21 @@ async def test_a_request_that_would_wait_longer_than_the_longest_wait_is_refused
     for waiter in waiters:
         (await waiter).release()
     assert gate.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "turn"),
+    [
+        ("POST", "/v1/conversations/c1/messages", True),
+        ("POST", "/v1/chat/completions", True),
+        ("POST", "/v1/conversations/c1/messages/7/regenerate", True),
+        ("POST", "/v1/conversations/c1/messages/7/edit", True),
+        ("GET", "/v1/conversations/c1/messages", False),
+        ("POST", "/v1/conversations/c1/messages/7/stop", False),
+        ("POST", "/v1/conversations/c1/messages/7/activate", False),
+        ("GET", "/v1/conversations/c1/messages/7/stream", False),
+        ("POST", "/v1/conversations", False),
+    ],
+)
+def test_the_routes_that_start_a_turn_take_a_turn_slot(method: str, path: str, turn: bool) -> None:
+    assert is_turn(method, path) is turn
