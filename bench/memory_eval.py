@@ -202,7 +202,67 @@ async def _bytes_per_memory(services: Services) -> float:
     return float(size or 0) / count
 
 
-async def run_sqlite(split: str, mode: Mode, **tuning: Any) -> Figures:
+async def recall_latency(services: Services, data: dict[str, Any], *, memories: int = 10_000, rounds: int = 100) -> dict[str, tuple[float, float]]:
+    """p50 (wall ms, this process's CPU ms) of `MemoryService.recall` for a new message, for a user with
+    `memories` memories (the evaluation's sentences, random unit vectors), hybrid and meaning only,
+    interleaved so that a busy machine weighs on both alike. The deadline is lifted to see the cost."""
+    import numpy as np
+    from sqlalchemy import insert, update
+
+    from companion.storage.models import Memory, User
+
+    memory = services.memories
+    saved = memory.config
+    memory.config = dataclasses.replace(saved, deadline_seconds=60.0)
+    texts = [m["text"] for p in data["people"] for s in p["sessions"] for m in s["messages"] if not m["chitchat"]]
+    questions = [q["question"] for p in data["people"] for q in p["questions"]]
+    user = (await services.users.create("memory-eval-latency")).id
+    rng = np.random.default_rng(12)
+    vectors = rng.standard_normal((memories, memory.embedder.dimensions)).astype("<f4")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "user_id": user,
+            "text": f"{texts[i % len(texts)]} ({i})",
+            "kind": "fact" if i % 3 == 0 else "episode",
+            "embedding": vectors[i].tobytes(),
+            "model": memory.embedder.model_id,
+            "created_at": start + timedelta(seconds=i),
+            "updated_at": start + timedelta(seconds=i),
+            "said_at": start + timedelta(seconds=i),
+        }
+        for i in range(memories)
+    ]
+    async with services.database.session() as session:
+        for i in range(0, memories, 1000):
+            await session.execute(insert(Memory), rows[i : i + 1000])
+        await session.execute(update(User).where(User.id == user).values(memory_generation=User.memory_generation + 1))
+    generation = await memory.store.generation(user)
+    await memory.recall(user, "warm up", generation=generation)
+    store: Any = memory.store
+    match = store.match
+
+    async def no_words(*args: Any, **kwargs: Any) -> list[uuid.UUID]:
+        return []
+
+    samples: dict[str, list[tuple[float, float]]] = {"hybrid": [], "meaning only": []}
+    try:
+        for i in range(rounds):
+            for label in samples:
+                store.match = match if label == "hybrid" else no_words  # this instance only, restored below
+                question = f"{questions[i % len(questions)]} ({label} {i})"
+                wall, cpu = time.perf_counter(), time.process_time()
+                await memory.recall(user, question, generation=generation)
+                samples[label].append(((time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000))
+    finally:
+        store.match = match
+        memory.config = saved
+    return {label: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s)) for label, s in samples.items()}
+
+
+async def run_sqlite(split: str, mode: Mode, *, latency: bool = False, **tuning: Any) -> Figures:
     data = load()
     with tempfile.TemporaryDirectory(prefix="memory-eval-") as workdir:
         url = f"sqlite+aiosqlite:///{workdir}/eval.db"
@@ -224,7 +284,11 @@ async def run_sqlite(split: str, mode: Mode, **tuning: Any) -> Figures:
         services.memories.config = dataclasses.replace(services.memories.config, **tuning)
         await services.start(load_model=False)
         try:
-            return await evaluate(services, data, split=split, mode=mode)
+            figures = await evaluate(services, data, split=split, mode=mode)
+            if latency:
+                for label, (wall, cpu) in (await recall_latency(services, data)).items():
+                    print(f"recall at 10,000 memories, a new message, {label}: p50 {wall:.1f} ms ({cpu:.1f} ms CPU)")
+            return figures
         finally:
             await services.aclose()
 
@@ -233,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     parser.add_argument("--mode", choices=["hybrid", "meaning", "words"], default="hybrid")
+    parser.add_argument("--latency", action="store_true", help="also time recall at 10,000 memories")
     parser.add_argument("--rrf-k", type=int, default=None, help="tuning: the fusion's k")
     parser.add_argument("--text-weight", type=float, default=None, help="tuning: the word ranking's weight")
     args = parser.parse_args(argv)
     tuning = {name: value for name, value in (("rrf_k", args.rrf_k), ("text_weight", args.text_weight)) if value is not None}
     if tuning and args.split == "test":
         parser.error("tune on --split dev only")
-    figures = asyncio.run(run_sqlite(args.split, args.mode, **tuning))
+    figures = asyncio.run(run_sqlite(args.split, args.mode, latency=args.latency, **tuning))
     print("\n".join(figures.lines()))
     return 0
 
@@ -253,7 +318,9 @@ async def run(env: Any) -> Any:
     from bench.report import Outcome, Section, Table
 
     services = await env.services(redis=False)
-    figures = await evaluate(services, load(), split="test")
+    data = load()
+    figures = await evaluate(services, data, split="test")
+    latency = await recall_latency(services, data)
     await env.close_services(services)
     kinds = ", ".join(f"{kind} {v['recall@10']:.2f} (n={v['n']:.0f})" for kind, v in sorted(figures.by_kind.items()))
     table = Table(
@@ -277,6 +344,10 @@ async def run(env: Any) -> Any:
             ["bytes per memory (table, indexes, TOAST)", f"{figures.bytes_per_memory:.0f}", ""],
             ["remember one message, p50 (background)", f"{figures.remember_ms:.1f} ms", ""],
             ["search, p50", f"{figures.search_ms:.1f} ms", ""],
+            *[
+                [f"recall at 10,000 memories, a new message, {label}, p50 (CPU)", f"{wall:.1f} ms ({cpu:.1f} ms)", "< 15 ms"]
+                for label, (wall, cpu) in latency.items()
+            ],
         ],
         right={1},
     )
@@ -294,6 +365,7 @@ async def run(env: Any) -> Any:
             "memory_eval.recall@10": figures.recall[10],
             "memory_eval.false_memory_rate": figures.false_memory_rate,
             "memory_eval.disclosures@3": figures.disclosures["all"],
+            "memory_eval.recall_10k.p50_ms": latency["hybrid"][0],
         }
     )
     return outcome

@@ -78,6 +78,14 @@ def verdicts(figures: dict[str, float]) -> list[Verdict]:
         value = _get(figures, key)
         met = value is not None and (value >= goal if at_least else value <= goal)
         found.append(Verdict(label, "n/a" if value is None else f"{value:.3f}", _judge(met, value)))
+    recall = _get(figures, "memory_eval.recall_10k.p50_ms")
+    found.append(
+        Verdict(
+            "memory recall at 10,000 memories, a new message: p50 < 15 ms",
+            "n/a" if recall is None else f"{recall:.1f} ms",
+            _judge(recall is not None and recall < 15, recall),
+        )
+    )
     return found
 
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from companion import __version__
 from companion.api import (
     admission,
+    api_keys,
     branches,
     conversations,
     health,
@@ -19,6 +20,7 @@ from companion.api import (
     memories,
     metrics,
     openai_compat,
+    openapi,
     personalities,
     preferences,
     sessions,
@@ -71,10 +73,12 @@ def create_app(
         conversations,
         memories,
         sessions,
+        api_keys,
         openai_compat,
     ):
         app.include_router(module.router)
     web.install(app)  # the chat page at /
+    openapi.install(app)  # every route's error statuses documented, whoever added it
     logging.getLogger("companion").setLevel(settings.log_level)
     return app
 

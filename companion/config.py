@@ -6,6 +6,7 @@ a validation failure into `SettingsError`, whose message names the variable but 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -67,8 +68,10 @@ class Settings(BaseSettings):
     # JSON, e.g. {"POST /v1/chat/completions": 10}: per-user requests per minute for one route.
     rate_limit_route_overrides: dict[str, int] = Field(default_factory=dict)
     rate_limit_fail_closed: bool = False
-    # Behind a reverse proxy, take the client address from X-Forwarded-For (only then!).
+    # Behind a reverse proxy, take the client address from X-Forwarded-For (only then!), and only
+    # when the peer is one of TRUSTED_PROXIES (comma-separated addresses or networks).
     trust_forwarded_for: bool = False
+    trusted_proxies: str = "127.0.0.1,::1"
     token_quota_daily: int = Field(default=0, ge=0, description="0: unlimited")
     token_quota_monthly: int = Field(default=0, ge=0, description="0: unlimited")
 
@@ -114,6 +117,13 @@ class Settings(BaseSettings):
     admission_request_queue: int = Field(default=256, ge=0, le=100_000)
     admission_queue_timeout_seconds: float = Field(default=5.0, ge=0, le=600)
 
+    # Per-user caps (docs/security.md): past them a create answers 409.
+    api_keys_max_per_user: int = Field(default=20, ge=1, le=10_000)
+    api_key_last_used_flush_seconds: float = Field(default=60, gt=0, le=86_400)
+    sessions_max_per_user: int = Field(default=20, ge=1, le=10_000)
+    personalities_max_per_user: int = Field(default=100, ge=1, le=100_000)
+    conversations_max_per_user: int = Field(default=10_000, ge=1, le=10_000_000)
+
     memory_enabled: bool = True
     memory_extractor: Literal["auto", "rules", "llm", "both"] = "auto"
     memory_embedding_threads: int = Field(default=1, ge=1, le=64)
@@ -133,6 +143,14 @@ class Settings(BaseSettings):
         if value is not None and value != "" and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value or None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip():
+                ipaddress.ip_network(item.strip(), strict=False)  # ValueError names the variable
+        return value
 
     @field_validator("rate_limit_route_overrides")
     @classmethod

@@ -98,6 +98,7 @@ class Services:
             pool_timeout=settings.database_pool_timeout_seconds,
             sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             loop=loop,
+            hide_parameters=settings.log_level != "DEBUG",
         )
         provider = provider or build_provider(settings)
         redis_backend: RedisBackend | None = None
@@ -123,12 +124,26 @@ class Services:
                 redis_backend.on_recovery.append(distrust_after_failover(redis_backend, cache))
             redis_backend.on_recovery.append(cache.replay_pending)
             sessions = SessionService(
-                backend, fallback=MemoryBackend(), ttl_seconds=settings.session_ttl_seconds, clock=clock
+                backend,
+                fallback=MemoryBackend(),
+                ttl_seconds=settings.session_ttl_seconds,
+                max_per_user=settings.sessions_max_per_user,
+                clock=clock,
             )
+            # Revocations made while Redis was unreachable are replayed as soon as it answers again.
+            redis_backend.on_recovery.append(sessions.replay_pending)
+            listener.on_connect.append(sessions.replay_pending)
         else:
             backend = MemoryBackend(max_entries=max(settings.cache_local_max_entries * 10, 10_000))
             cache = TieredCache(backend, local=local)
-            sessions = SessionService(backend, ttl_seconds=settings.session_ttl_seconds, clock=clock)
+            # Sessions get their own store, not the shared cache's LRU: no amount of caching (or of one
+            # user's sign-ins, capped per user) can evict another user's session.
+            sessions = SessionService(
+                MemoryBackend(max_entries=10_000_000),
+                ttl_seconds=settings.session_ttl_seconds,
+                max_per_user=settings.sessions_max_per_user,
+                clock=clock,
+            )
         limiter: RateLimiter
         if redis_backend is not None:
             limiter, limiter_fallback = RedisRateLimiter(redis_backend), MemoryRateLimiter()
@@ -152,7 +167,7 @@ class Services:
             fallback=MemoryBackend() if redis_backend is not None else None,
             clock=clock,
         )
-        conversations = ConversationService(database, clock)
+        conversations = ConversationService(database, clock, max_per_user=settings.conversations_max_per_user)
         personalities = CachedPersonalityService(
             database,
             cache,
@@ -160,6 +175,7 @@ class Services:
             ttl=settings.cache_personality_ttl_seconds,
             local_ttl=settings.cache_local_ttl_seconds,
             miss_ttl=settings.cache_miss_ttl_seconds,
+            max_per_user=settings.personalities_max_per_user,
         )
         preferences = CachedPreferenceService(
             database,
@@ -265,7 +281,14 @@ class Services:
             settings=settings,
             database=database,
             provider=provider,
-            users=CachedUserService(database, cache, clock, local_ttl=settings.cache_local_ttl_seconds),
+            users=CachedUserService(
+                database,
+                cache,
+                clock,
+                local_ttl=settings.cache_local_ttl_seconds,
+                max_keys_per_user=settings.api_keys_max_per_user,
+                last_used_flush_seconds=settings.api_key_last_used_flush_seconds,
+            ),
             personalities=personalities,
             preferences=preferences,
             conversations=conversations,
@@ -298,6 +321,7 @@ class Services:
         await self.runs.open()
         if self.listener is not None:
             self.listener.start()
+        self.users.start()
         if load_model:
             await self.provider.start()
             await self.memories.start()
@@ -309,7 +333,9 @@ class Services:
             return
         if await pgvector_ready(self.database):
             embedder = self.memories.embedder
-            self.memories.store = PgVectorStore(self.database, model_id=embedder.model_id, dimensions=embedder.dimensions)
+            self.memories.store = PgVectorStore(
+                self.database, model_id=embedder.model_id, dimensions=embedder.dimensions
+            )
         elif wanted == "pgvector":
             raise SettingsError(
                 "MEMORY_VECTOR_STORE=pgvector needs PostgreSQL with the pgvector extension installed and "
@@ -317,6 +343,7 @@ class Services:
             )
 
     async def aclose(self) -> None:
+        await self.users.aclose()
         await self.runs.aclose()
         await self.summarizer.wait_idle()
         await self.memories.aclose()

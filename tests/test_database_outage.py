@@ -11,12 +11,16 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy.engine import make_url
 
+from companion.api.metrics import build_registry
 from companion.config import Settings
 from companion.llm.scripted import ScriptedProvider, ScriptedReply
+from companion.services import Services
 from tests.conftest import TABLES, make_settings
 from tests.support.api import assert_error, create_conversation, running_server, user_client
+from tests.support.instances import metric_value
 from tests.support.live import LiveServer, SSEEvent, iter_sse, wait_for
 from tests.support.tcp_proxy import TcpProxy
 
@@ -170,3 +174,46 @@ async def test_a_stream_in_flight_ends_when_the_database_goes_away(
     )
     assert response.status_code == 200, response.text
     assert response.json()["content"] == "Back again."
+
+
+async def test_a_recall_whose_database_read_fails_lets_the_reply_go_ahead_and_is_counted_as_failed(
+    outage_settings: Settings, proxy: TcpProxy
+):
+    """The memory read of a recall fails (the database went away): the recall returns nothing at
+    once instead of raising, and /metrics counts it as outcome="failed", not as a timeout."""
+    writer = Services.build(outage_settings, provider=ScriptedProvider())
+    await writer.start()
+    try:
+        user = (await writer.users.create("alice")).id
+        await writer.memories.add(user, "My sister Ana lives in Berlin.")
+        generation = await writer.memories.store.generation(user)
+    finally:
+        await writer.aclose()
+    # A fresh instance: nothing of this user's memories is loaded yet, so a recall must read them.
+    services = Services.build(outage_settings, provider=ScriptedProvider())
+    await services.start()
+    try:
+
+        def recalls(outcome: str) -> float:
+            text = generate_latest(build_registry(services)).decode()
+            return metric_value(text, "companion_memory_recalls_total", outcome=outcome)
+
+        await proxy.stop()
+        # As a chat turn calls it (the generation read with the message) and on its own.
+        for kwargs in ({"generation": generation}, {}):
+            async with asyncio.timeout(ANSWER_WITHIN):
+                assert await services.memories.recall(user, "Where does my sister live?", **kwargs) == []
+        assert services.memories.stats.recall_failures == 2
+        assert (recalls("failed"), recalls("timeout"), recalls("ok")) == (2, 0, 0)
+
+        await proxy.start()
+
+        async def recalled_again() -> bool:
+            found = await services.memories.recall(user, "Tell me about my sister.")
+            return "My sister Ana lives in Berlin." in [m.text for m in found]
+
+        await wait_for(recalled_again, timeout=DEADLINE, what="recalls to succeed again")
+        assert recalls("failed") == 2 and recalls("ok") >= 1
+    finally:
+        await proxy.start()
+        await services.aclose()

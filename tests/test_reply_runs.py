@@ -395,3 +395,68 @@ async def test_a_reply_started_on_one_server_resumes_and_stops_through_the_other
         print(f"stop through the other server: {elapsed * 1000:.0f} ms")
         replay = await resume(on_b, conversation_id, second_id, "0")
         assert tokens_text(replay) == "Long " * 5 and replay[-1].json()["finish_reason"] == "stopped"
+
+
+async def test_following_a_reply_does_not_hold_a_request_slot(database_url: str, tmp_path: Path):
+    """Admission control lets one request at a time here: a resume that follows a long reply must
+    not keep it, or every other request would be refused while someone waits for text."""
+    settings = make_settings(database_url, tmp_path, admission_max_requests=1, admission_request_queue=0)
+    provider = ScriptedProvider([ScriptedReply(STORY, hang_after=3)])
+    from tests.support.api import running_server
+
+    async with running_server(settings, provider) as live, await new_client(live, "alice") as client:
+        conversation_id = (await create_conversation(client))["id"]
+        response = await open_reply(client, conversation_id, "Tell me a story")
+        try:
+            message_id = (await take(iter_sse(response), 1))[0].json()["message_id"]
+            url = f"/v1/conversations/{conversation_id}/messages/{message_id}/stream"
+            async with client.stream("GET", url, headers={"Last-Event-ID": "0"}) as following:
+                assert following.status_code == 200
+                assert (await take(iter_sse(following), 1))[0].event == "token"
+                # While it follows, other requests get the one request slot.
+                for _ in range(3):
+                    assert (await client.get("/v1/conversations")).status_code == 200
+            stopped = await client.post(f"/v1/conversations/{conversation_id}/messages/{message_id}/stop")
+            assert stopped.json()["status"] == "stopped"
+        finally:
+            await response.aclose()
+
+
+async def test_a_resume_of_a_dead_servers_reply_gets_the_text_saved_after_its_last_batch(
+    database_url: str, tmp_path: Path, redis_server: RedisProcess
+):
+    """The dead server saved more text to the database than it had written to the reply's Redis
+    Stream (the two are flushed on their own schedules): the resume sends that text before the end."""
+    from companion.runs.events import RunEvent
+
+    settings = make_settings(database_url, tmp_path, redis_enabled=True, redis_url=redis_server.url)
+    clock = FakeClock()
+    services = Services.build(settings, provider=ScriptedProvider(), clock=clock)
+    await services.start()
+    try:
+        assert services.runs.shared is not None
+        user = await services.users.create("alice")
+        conversation = await services.conversations.create(user.id, "elara")
+        await services.conversations.add_message(conversation.id, "user", "Hello?")
+        reply = await services.conversations.add_message(
+            conversation.id, "assistant", "One two three", status="streaming"
+        )
+        await services.runs.shared.write(
+            reply.id,
+            [
+                RunEvent("message", 0, data={"message_id": reply.id}),
+                RunEvent("token", 0, "One "),
+                RunEvent("token", 4, "two "),
+            ],
+        )
+        message = await services.runs.resume(user.id, conversation.id, reply.id)
+        follower = asyncio.create_task(_collect(services.runs.follow(message, 4)))
+        clock.now += timedelta(seconds=settings.reply_stale_seconds + 1)
+        assert await services.runs.sweep() == 1
+        async with asyncio.timeout(DEADLINE):
+            events = await follower
+        assert [(e.kind, e.text) for e in events] == [("token", "two "), ("token", "three"), ("error", "")]
+        assert "One " + "".join(e.text for e in events) == "One two three"
+        assert events[-1].payload()["content"] == "One two three"
+    finally:
+        await services.aclose()

@@ -47,11 +47,14 @@ def said(turn: int) -> str:
     return f"Turn {turn} is here. Extra detail {turn}."
 
 
-def summary_line(message: Stored | dict[str, Any]) -> str:
-    """The extractive line for one of `said`'s messages or its scripted reply (first sentence only)."""
-    role, content = (message["role"], message["content"]) if isinstance(message, dict) else message[1:3]
-    first = content.split(". ", 1)[0] + "."
-    return f"The user said: {first}" if role == "user" else f"You replied: {first}"
+def summary_through(turns: int) -> str:
+    """The extractive summary of turns 1..`turns` of `said` and their scripted replies ("You said:
+    ..."), written out: each message's first sentence on its own line."""
+    return "\n".join(
+        line
+        for turn in range(1, turns + 1)
+        for line in (f"The user said: Turn {turn} is here.", f"You replied: You said: Turn {turn} is here.")
+    )
 
 
 async def summary_rows(services: Services, conversation_id: str | uuid.UUID) -> list[Row]:
@@ -72,12 +75,21 @@ async def stored_messages(services: Services, conversation_id: str | uuid.UUID) 
         return [(m.id, m.role, m.content, m.status) for m in rows.scalars()]
 
 
-def assert_additive(rows: list[Row]) -> None:
+def assert_additive(rows: list[Row], max_chars: int = 4000) -> None:
+    """Each row extends the previous one, or is a base row (the `…` line, then the newest whole lines:
+    the previous row's newest ones, if any fit, and new ones); none is longer than `max_chars`."""
+    for _, _, content in rows:
+        assert len(content) <= max_chars, f"a summary row of {len(content)} characters"
     for (_, upto_before, before), (_, upto, content) in pairwise(rows):
-        assert content.startswith(before + "\n"), (
-            f"a summary does not extend the previous one:\n{before}\n---\n{content}"
-        )
         assert upto > upto_before
+        if content.startswith("…\n"):
+            lines, previous = content.split("\n")[1:], before.split("\n")
+            carried = next((n for n in range(len(lines), -1, -1) if previous[len(previous) - n :] == lines[:n]), 0)
+            assert carried < len(lines), f"a base row with nothing new:\n{content}"
+        else:
+            assert content.startswith(before + "\n"), (
+                f"a summary does not extend the previous one:\n{before}\n---\n{content}"
+            )
 
 
 # --- extractive summaries through the app ----------------------------------------------------------
@@ -99,9 +111,8 @@ async def test_summaries_are_additive_and_never_delete_a_message(client: httpx.A
         assert now_rows[: len(rows)] == rows, "a summary row was changed or deleted"
         assert len(now_rows) == max(turn - 2, 0), f"turn {turn}: {now_rows}"  # one new row per turn from turn 3
         assert_additive(now_rows)
-        for _, upto, content in now_rows:
-            # Exactly the first sentence of each message up to `upto`, in order: deterministic.
-            assert content == "\n".join(summary_line(m) for m in now_messages if m[0] <= upto)
+        # Row n covers turns 1..n (a turn's two messages leave the window two turns later).
+        assert [content for _, _, content in now_rows] == [summary_through(n) for n in range(1, turn - 1)]
         if now_rows:
             # Only messages that left the window: the newest WINDOW ones are never in it.
             assert now_rows[-1][1] == now_messages[-WINDOW - 1][0]
@@ -267,3 +278,58 @@ async def test_llm_summaries_use_the_providers_text_and_fall_back_to_extractive(
         ("assistant", "Reply 6. More words."),
         ("user", "What do you remember?"),
     ]
+
+
+# --- the length cap: base rows ---------------------------------------------------------------------
+
+
+async def summarize_turns(services: Services, summarizer: Summarizer, cid: uuid.UUID, turns: range) -> list[Row]:
+    for turn in turns:
+        await add_turns(services, cid, range(turn, turn + 1))
+        await summarizer.summarize(cid)
+    return await summary_rows(services, cid)
+
+
+async def test_a_summary_past_its_cap_starts_a_base_row_and_the_next_rows_extend_it(services: Services):
+    user = await services.users.create("alice")
+    cid = (await services.conversations.create(user.id, "elara")).id
+    summarizer = Summarizer(services.database, services.cache, mode="extractive", window=WINDOW, batch=BATCH, max_chars=100)
+    rows = await summarize_turns(services, summarizer, cid, range(1, 6))
+    # Turn n's two messages leave the window after turn n + 2; each gives two lines of 30 and 21
+    # characters, so a row holds the lines of one turn (52), but not of two (105): base rows.
+    assert [content for _, _, content in rows] == [
+        "The user said: Turn 1 is here.\nYou replied: Reply 1.",
+        "…\nYou replied: Reply 1.\nThe user said: Turn 2 is here.\nYou replied: Reply 2.",
+        "…\nYou replied: Reply 2.\nThe user said: Turn 3 is here.\nYou replied: Reply 3.",
+    ]
+    assert_additive(rows, max_chars=100)
+    assert len(await stored_messages(services, cid)) == 10, "a summary deleted messages"
+
+
+async def test_with_the_4000_character_cap_rows_extend_until_a_base_row_and_the_prompt_gets_the_newest(
+    services: Services,
+):
+    """The app's own summarizer (4,000 characters): long first sentences (160 characters in the
+    summary) fill it in a few runs; the stored rows stay additive and within the cap, and the next
+    prompt carries the newest row, which ends with the newest departed messages."""
+    user = await services.users.create("alice")
+    conversation = await services.conversations.create(user.id, "elara")
+    summarizer = services.summarizer
+    summarizer.window, summarizer.batch = WINDOW, BATCH
+    long_line = "word " * 40
+    for turn in range(1, 20):
+        await services.conversations.add_message(conversation.id, "user", f"Turn {turn} {long_line}")
+        await services.conversations.add_message(conversation.id, "assistant", f"Reply {turn} {long_line}")
+        await summarizer.summarize(conversation.id)
+    rows = await summary_rows(services, conversation.id)
+    assert len(rows) == 17
+    assert_additive(rows)
+    bases = [index for index, (_, _, content) in enumerate(rows) if content.startswith("…\n")]
+    assert bases and rows[bases[0] - 1][2].startswith("The user said: Turn 1 "), "no row extended before the cap"
+    newest = rows[-1][2]
+    assert newest.split("\n")[-2].startswith("The user said: Turn 17 ")
+    assert newest.split("\n")[-1].startswith("You replied: Reply 17 ")
+    assert "Turn 1 " not in newest  # the oldest lines are only in the older rows
+    turn = await services.chat.begin(user.id, conversation, "What do you remember?")
+    await turn.release()
+    assert prompt_summary(turn.prompt) == newest

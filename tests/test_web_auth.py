@@ -14,7 +14,6 @@ import pytest
 
 from companion.config import Settings
 from companion.llm.scripted import ScriptedProvider
-from companion.sessions.csrf import csrf_token
 from tests.conftest import make_settings
 from tests.support.api import assert_error, running_server
 from tests.support.live import LiveServer
@@ -89,13 +88,23 @@ async def test_signing_in_sets_an_httponly_samesite_cookie_and_returns_a_csrf_to
     assert int(cookie["max-age"]) == 43200
     body = response.json()
     assert set(body) == {"user_id", "session_id", "csrf_token", "expires_in"}
-    assert body["csrf_token"] == csrf_token(cookie["value"])
+    token = body["csrf_token"]
+    assert isinstance(token, str) and len(token) >= 32, token  # unguessable
     assert cookie["value"] not in response.text  # the token only travels in the HttpOnly cookie
+    assert token not in cookie["value"]
 
     again = await anon.get("/web/session")
     assert again.status_code == 200
-    assert again.json()["csrf_token"] == body["csrf_token"]
+    assert again.json()["csrf_token"] == token  # the same for the whole session
     assert _set_cookie(again)["value"] == cookie["value"]  # renewed on each page load
+    # ... and it is what a change made with the cookie needs (which other tokens do not do:
+    # test_cookie_requests_read_freely_but_every_change_needs_the_csrf_token).
+    put = await anon.put("/v1/preferences", json={"preferred_name": "Ana"}, headers={"X-CSRF-Token": token})
+    assert put.status_code == 200, put.text
+
+    # A new session (signing in again) gets a token of its own.
+    second = await anon.post("/web/session", json={"api_key": api_key})
+    assert second.status_code == 200 and second.json()["csrf_token"] not in (token, "")
 
 
 async def test_the_cookie_is_secure_when_configured(settings: Settings, tmp_path: Path, provider: ScriptedProvider):

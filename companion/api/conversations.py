@@ -95,6 +95,7 @@ async def delete_conversation(
         # Before the conversation goes: deleting it sets their conversation_id to NULL.
         await services.memories.forget(user_id, conversation_id=conversation_id)
     await services.conversations.delete(user_id, conversation_id)
+    await services.chat.forget_conversation(conversation_id)  # its buffer and summary, everywhere, now
     return Response(status_code=204)
 
 
@@ -151,7 +152,7 @@ async def outcome_of(run: Run) -> DoneEvent | ErrorEvent:
 
 @router.post(
     "/{conversation_id}/messages",
-    responses={200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION}, 502: {}, 504: {}},
 )
 async def post_message(
     conversation_id: uuid.UUID, body: MessageIn, user_id: UserIdDep, services: ServicesDep, request: Request

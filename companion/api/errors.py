@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from companion.errors import CompanionError, Overloaded, ServiceUnavailable, error_body
@@ -55,12 +56,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(422, error_body(message, "invalid_request_error", "invalid_input", param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
         return _json(
             error.status_code,
             error_body(str(error.detail), "invalid_request_error", code),
-            dict(error.headers or {}) or None,
+            headers or None,
         )
 
     @app.exception_handler(Exception)
@@ -74,6 +78,17 @@ def install_error_handlers(app: FastAPI) -> None:
             return _json(503, unavailable.to_body(), {"Retry-After": "5"})
         logger.exception("unhandled error")
         return _json(500, error_body("Something went wrong on our side.", "server_error", "internal_error"))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's).
+    Asked of the router as a request would (routes may be wrapped by included routers)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 class BodySizeLimit:

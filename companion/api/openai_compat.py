@@ -15,11 +15,13 @@ streams, `POST /v1/conversations/{id}/messages/{message_id}/stop` stops it and `
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import anyio
 import orjson
 from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,7 +34,7 @@ from companion.api.sse import sse_event, sse_response
 from companion.chat.runs import Run
 from companion.chat.service import DoneEvent, ErrorEvent, Turn
 from companion.conversations.schemas import ConversationOut
-from companion.errors import InvalidInput
+from companion.errors import CompanionError, InvalidInput
 from companion.services import Services
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
@@ -83,7 +85,8 @@ def _completion_id(message_id: int | None) -> str:
 
 async def _conversation_for(
     services: Services, user_id: uuid.UUID, personality: str, wanted: uuid.UUID | None
-) -> ConversationOut:
+) -> tuple[ConversationOut, bool]:
+    """The conversation to continue, and whether it was created for this request."""
     if wanted is not None:
         conversation = await services.conversations.get(user_id, wanted)
         if conversation.personality != personality:
@@ -91,13 +94,14 @@ async def _conversation_for(
                 f"Conversation {wanted} is with {conversation.personality!r}, not {personality!r}.",
                 param="conversation_id",
             )
-        return conversation
-    return await services.conversations.latest(user_id, personality) or await services.conversations.create(
-        user_id, personality
-    )
+        return conversation, False
+    latest = await services.conversations.latest(user_id, personality)
+    if latest is not None:
+        return latest, False
+    return await services.conversations.create(user_id, personality), True
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={502: {}, 504: {}})
 async def chat_completions(
     body: ChatCompletionRequest,
     user_id: UserIdDep,
@@ -113,16 +117,23 @@ async def chat_completions(
     # Check the text before choosing the conversation, which may create one: a rejected request stores nothing.
     content = services.chat.check_message(newest.text())
     await services.quotas.enforce(user_id)  # a spent quota must not leave a new, empty conversation behind
-    conversation = await _conversation_for(
+    conversation, created = await _conversation_for(
         services, user_id, personality.name, body.conversation_id or x_conversation_id
     )
-    turn = await services.chat.begin(
-        user_id,
-        conversation,
-        content,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-    )
+    try:
+        turn = await services.chat.begin(
+            user_id,
+            conversation,
+            content,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+        )
+    except BaseException:
+        if created:
+            # Made for this request, which failed before storing anything in it: leave nothing behind.
+            with anyio.CancelScope(shield=True), contextlib.suppress(CompanionError):
+                await services.conversations.delete(user_id, conversation.id)
+        raise
     turn = hold_for_turn(request, turn)
     run = await start_run(services, turn)
     if isinstance(run, Response):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from companion.cache import keys
@@ -35,6 +36,8 @@ class InvalidationListener:
         self._confirm_seconds = 5.0
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Also run whenever the channel (re)connects, i.e. Redis answers again (deferred revocations).
+        self.on_connect: list[Callable[[], Awaitable[None]]] = []
 
     def start(self) -> None:
         self._cache.local.enabled = False  # until the subscription is confirmed
@@ -57,6 +60,8 @@ class InvalidationListener:
                 delay = self._retry_seconds
                 logger.info("cache invalidation channel connected")
                 await self._cache.replay_pending()
+                for callback in self.on_connect:
+                    await callback()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
@@ -70,6 +75,8 @@ class InvalidationListener:
                         self._cache.local.clear()
                         self._cache.distrust_backend()
                         await self._cache.replay_pending()
+                        for callback in self.on_connect:
+                            await callback()
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as error:

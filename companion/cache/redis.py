@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from companion.cache.backend import CacheUnavailable
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.keys import PREFIX
-from companion.overload.loop import LagTolerantTimeout, LoopMonitor
+from companion.overload.loop import LagTolerantTimeout, LoopMonitor, excluded_wait
 
 T = TypeVar("T")
 
@@ -79,8 +79,9 @@ class QueueingConnectionPool(aioredis.ConnectionPool):
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._slots.locked():
             try:
-                async with asyncio.timeout(self.timeout):
-                    await self._slots.acquire()
+                with excluded_wait():  # our own queue: not Redis's time (the operation's timeout)
+                    async with asyncio.timeout(self.timeout):
+                        await self._slots.acquire()
             except TimeoutError as error:
                 raise PoolExhausted("No connection available.") from error
         else:

@@ -39,7 +39,14 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from companion.cache.redis import REDIS_ERRORS, QueueingConnectionPool, make_client
+from companion.cache.redis import (
+    REDIS_ERRORS,
+    PoolExhausted,
+    QueueingConnectionPool,
+    make_client,
+    socket_timeout_backstop,
+)
+from companion.overload.loop import excluded_wait
 
 if TYPE_CHECKING:
     from companion.config import Settings
@@ -145,10 +152,11 @@ class QueueingRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._in_flight.locked():
             try:
-                async with asyncio.timeout(self._queue_timeout):
-                    await self._in_flight.acquire()
+                with excluded_wait():  # our own queue: not the cluster's time (the operation's timeout)
+                    async with asyncio.timeout(self._queue_timeout):
+                        await self._in_flight.acquire()
             except TimeoutError as error:
-                raise RedisConnectionError("No connection available.") from error
+                raise PoolExhausted("No connection available.") from error
         else:
             await self._in_flight.acquire()
         try:
@@ -168,6 +176,7 @@ class ClusterTopology:
     client: QueueingRedisCluster
     # How to reach one node directly: REDIS_URL's credentials and TLS options, timeouts, name.
     node_kwargs: dict[str, Any] = field(default_factory=dict)
+    probe_timeout: float = 0.5  # per node, for /health
     mode: Mode = "cluster"
     _rotation: itertools.count[int] = field(default_factory=itertools.count)
     _initializing: asyncio.Task[None] | None = None
@@ -199,7 +208,7 @@ class ClusterTopology:
         if not self.client.get_nodes():
             await self.client.initialize()
         primaries = self.client.get_primaries()
-        timeout = 2 * (self.client.connection_kwargs.get("socket_timeout") or 0.5)
+        timeout = self.probe_timeout
 
         async def probe(node: ClusterNode) -> dict[str, Any] | None:
             try:
@@ -310,11 +319,15 @@ def sentinel_connection_kwargs(options: RedisOptions) -> tuple[dict[str, Any], d
     sentinels: dict[str, Any] = {k: v for k, v in primary.items() if k.startswith("ssl")}
     if options.sentinel_password is not None:
         sentinels["password"] = options.sentinel_password
-    timeouts = {
-        "socket_timeout": options.socket_timeout_ms / 1000,
-        "socket_connect_timeout": options.connect_timeout_ms / 1000,
-    }
-    return {**primary, **timeouts}, {**sentinels, **timeouts}
+    connect = {"socket_connect_timeout": options.connect_timeout_ms / 1000}
+    # The primary's operations are bounded by RedisBackend in loop time (REDIS_SOCKET_TIMEOUT_MS);
+    # the socket timeout is only the backstop, as for a single server. Sentinel queries are not
+    # run through the backend: they keep the plain timeout.
+    backstop = socket_timeout_backstop(options.socket_timeout_ms / 1000)
+    return (
+        {**primary, **connect, "socket_timeout": backstop},
+        {**sentinels, **connect, "socket_timeout": options.socket_timeout_ms / 1000},
+    )
 
 
 def make_topology(options: RedisOptions) -> Topology:
@@ -328,7 +341,7 @@ def make_topology(options: RedisOptions) -> Topology:
         kwargs = _tls_and_auth(options.url)
         kwargs.pop("db", None)
         kwargs.update(
-            socket_timeout=options.socket_timeout_ms / 1000,
+            socket_timeout=socket_timeout_backstop(options.socket_timeout_ms / 1000),  # as for one server
             socket_connect_timeout=options.connect_timeout_ms / 1000,
             health_check_interval=options.health_check_interval,
             client_name=options.client_name,
@@ -343,7 +356,7 @@ def make_topology(options: RedisOptions) -> Topology:
             retry=_retry(options),
             **kwargs,
         )
-        return ClusterTopology(client, node_kwargs=kwargs)
+        return ClusterTopology(client, node_kwargs=kwargs, probe_timeout=max(0.5, 2 * options.socket_timeout_ms / 1000))
     if mode == "sentinel":
         primary, sentinel_kwargs = sentinel_connection_kwargs(options)
         sentinel = Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)

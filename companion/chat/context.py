@@ -9,6 +9,7 @@ database has just before the new one (by stamp), and rebuilds it if not."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
@@ -135,7 +136,26 @@ class ContextAssembler:
         if self._summarizer is not None and history_length >= self.window:
             self._summarizer.schedule(conversation_id)
 
-    def learn(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int, content: str) -> None:
-        """Extract long-term memories from the user's message, in the background."""
+    def learn(
+        self,
+        user_id: uuid.UUID,
+        conversation_id: uuid.UUID,
+        message_id: int,
+        content: str,
+        said_at: datetime | None = None,
+    ) -> None:
+        """Extract long-term memories from the user's message, in the background. `said_at`: when it
+        was stored (a "forget everything" since then drops it)."""
         if self.memories is not None:
-            self.memories.schedule_extraction(user_id, conversation_id, message_id, content)
+            self.memories.schedule_extraction(user_id, conversation_id, message_id, content, said_at=said_at)
+
+    async def forget_conversation(self, conversation_id: uuid.UUID) -> None:
+        """A deleted conversation's buffer and summary go from Redis and every instance's L1 now, not
+        when they expire (deferred until Redis answers, if it does not now)."""
+        try:
+            await self._buffer.drop(conversation_id)
+        except CacheUnavailable:
+            pass  # the invalidation below is remembered and replayed
+        await self._cache.invalidate(
+            keys.conversation_buffer(conversation_id), keys.conversation_summary(conversation_id)
+        )

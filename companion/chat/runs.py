@@ -43,6 +43,7 @@ from companion.types import Clock, utcnow
 logger = logging.getLogger(__name__)
 
 INTERRUPTED = "reply_interrupted"
+SWEEPER_TASK = "reply-sweeper"  # its name: tests that count a turn's queries leave the sweeps out
 GIVE_UP_SECONDS = 30.0  # how long an ended run keeps trying to write its last events to Redis
 
 
@@ -323,15 +324,15 @@ class ReplyRuns:
         while True:
             try:
                 if message.id in self.local:
-                    async for event in self.local.follow(message.id, offset, stall_seconds=3600):
-                        offset = max(offset, event.end)
-                        yield event
-                    return
-                if self.shared is not None:
-                    async for event in self.shared.follow(message.id, offset, stall_seconds=stall):
-                        offset = max(offset, event.end)
-                        yield event
-                    return
+                    source = self.local.follow(message.id, offset, stall_seconds=3600)
+                elif self.shared is not None:
+                    source = self.shared.follow(message.id, offset, stall_seconds=stall)
+                else:
+                    raise RunLogMissing(message.id)
+                async for event in source:
+                    offset = max(offset, event.end)
+                    yield event
+                return
             except RunLogMissing:
                 pass
             except RunLogStalled:
@@ -399,8 +400,7 @@ class ReplyRuns:
     async def open(self) -> None:
         """Settle what died before this start, then keep sweeping."""
         await self.sweep()
-        # Named, so that tests counting the database reads of a turn can tell the sweeper's apart.
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="reply-sweeper")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name=SWEEPER_TASK)
 
     async def aclose(self) -> None:
         """Stop sweeping; end the runs of this instance (their replies are kept `incomplete`) and

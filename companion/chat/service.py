@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import anyio
 
@@ -31,16 +33,17 @@ from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
 from companion.conversations.service import HEAD, AtHead, ConversationService
 from companion.conversations.turns import LocalTurnLock, TurnLock
-from companion.errors import CompanionError, InvalidInput
+from companion.errors import CompanionError, InvalidInput, ServiceUnavailable
 from companion.interchange import cards
 from companion.interchange.cards import fill_user
-from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage
+from companion.llm.base import ChatMessage, GenerationParams, LLMProvider, Usage, estimate_tokens
 from companion.personalities.schemas import PersonalityOut
 from companion.preferences.schemas import Preferences
 from companion.ratelimit.quotas import TokenQuotas
 from companion.types import check_text
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class Turn:
     release: Callable[[], Awaitable[None]] = _nothing
     history_length: int = 0
     learn: bool = False  # extract long-term memories from the user's message afterwards
+    prompt_tokens: int = 0  # estimated; what the quota is charged when the model reports no usage
+    reserved_tokens: int = 0  # charged to the user's token quota so far (trued up when it settles)
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,10 @@ class ChatService:
         self._turns = turns or LocalTurnLock()
         self._quotas = quotas
 
+    async def forget_conversation(self, conversation_id: uuid.UUID) -> None:
+        """Drop a deleted conversation's cached context (buffer, summary) everywhere."""
+        await self._context.forget_conversation(conversation_id)
+
     def check_message(self, content: str) -> str:
         """Raises InvalidInput for empty, oversized or control-character input; stores nothing."""
         if not content.strip():
@@ -192,35 +201,45 @@ class ChatService:
 
         Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
         reply is still streaming here and did not finish in time), RateLimited (429: token quota
-        spent), ServiceUnavailable (503). Nothing is stored when it raises.
+        spent), ServiceUnavailable (503). Nothing is stored when it raises: once the message is
+        stored, the turn goes ahead with whatever context could be read (as recall already does).
         """
         content = self.check_message(content)
         personality, preferences = await self._context.profile(user_id, conversation)
-        await self._check_quota(user_id)
+        # The worst case (the whole context), before anything is stored: concurrent replies see each
+        # other's reservations. Trued up to the real prompt below, to the real usage when it settles.
+        reserved = await self._reserve(user_id, self.limits.context_tokens)
         held = contextlib.AsyncExitStack()
-        await held.enter_async_context(self._turns.hold(conversation.id))
         try:
+            await held.enter_async_context(self._turns.hold(conversation.id))
             # Read again now that the turn is ours, in the transaction that stores the message: the
             # time of the message it follows is what the buffer must end with (see
             # ContextAssembler.history); the memory generation keys the recall.
             user_message, previous_at, generation = await self._conversations.add_turn_message(
                 user_id, conversation.id, content, parent_id=parent_id
             )
+        except BaseException:
+            await held.aclose()
+            await self._give_back(user_id, reserved)
+            raise
+        try:
             newest = BufferedMessage(
                 id=user_message.id, role="user", content=content, at=stamp(user_message.created_at)
             )
             # A message that follows nothing (the first, or an edit of the first) must not extend any
             # buffer: no buffered message is stamped NOTHING_BEFORE, so one that exists is rebuilt.
             after = stamp(previous_at) if previous_at is not None else NOTHING_BEFORE
-            history = await self._context.history(conversation.id, newest, after=after)
+            history = await _or_without(self._context.history(conversation.id, newest, after=after), [newest])
             if not isinstance(parent_id, AtHead):  # an edit: a new branch
-                await self._context.path_changed(conversation.id)
-            summary = await self._context.summary(conversation.id)
-            memories = await self._context.recall(user_id, preferences, content, generation=generation)
+                await _or_without(self._context.path_changed(conversation.id), None)
+            summary = await _or_without(self._context.summary(conversation.id), None)
+            memories = await _or_without(
+                self._context.recall(user_id, preferences, content, generation=generation), []
+            )
         except BaseException:
             await held.aclose()
             raise
-        return self._turn(
+        turn = self._turn(
             user_id,
             conversation,
             user_message,
@@ -234,26 +253,29 @@ class ChatService:
             temperature=temperature,
             learn=preferences.memory_enabled,
         )
+        return await self._charge_prompt(turn, reserved)
 
     async def regenerate(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> Turn:
         """A turn that answers an existing user message again (`message_id`: it, or a reply to it):
         the new reply becomes an alternative to the earlier ones and the active one. Raises as
         `begin` does, and InvalidInput for a greeting."""
         personality, preferences = await self._context.profile(user_id, conversation)
-        await self._check_quota(user_id)
+        reserved = await self._reserve(user_id, self.limits.context_tokens)
         held = contextlib.AsyncExitStack()
-        await held.enter_async_context(self._turns.hold(conversation.id))
         try:
+            await held.enter_async_context(self._turns.hold(conversation.id))
             user_message = await self._conversations.rewind(user_id, conversation.id, message_id)
             history = await self._context.rebuild(conversation.id)
             summary = await self._context.summary(conversation.id)
             memories = await self._context.recall(user_id, preferences, user_message.content)
         except BaseException:
             await held.aclose()
+            await self._give_back(user_id, reserved)
             raise
-        return self._turn(
+        turn = self._turn(
             user_id, conversation, user_message, personality, preferences, history, summary, memories, held, learn=False
         )
+        return await self._charge_prompt(turn, reserved)
 
     async def switch(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> int:
         """Make the branch through `message_id` the active one (between turns) and rebuild the
@@ -306,9 +328,34 @@ class ChatService:
         )
         return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history), learn=learn)
 
-    async def _check_quota(self, user_id: uuid.UUID) -> None:
-        if self._quotas is not None and self._quotas.enabled:
-            await self._quotas.enforce(user_id)  # 429 token_quota_exceeded
+    async def _charge_prompt(self, turn: Turn, reserved: int) -> Turn:
+        """True the turn's reservation up to its real prompt: the prompt is charged when generation
+        starts, generation's maximum stays reserved until the reply settles."""
+        prompt_tokens = sum(estimate_tokens(message.content) for message in turn.prompt)
+        if reserved:
+            await self._true_up(turn.user_id, prompt_tokens + turn.params.max_tokens - reserved)
+            reserved = prompt_tokens + turn.params.max_tokens
+        return dataclasses.replace(turn, prompt_tokens=prompt_tokens, reserved_tokens=reserved)
+
+    async def _reserve(self, user_id: uuid.UUID, tokens: int) -> int:
+        """Reserve `tokens` of the user's quota (429 when used up); what was reserved (0: no quotas)."""
+        if self._quotas is None or not self._quotas.enabled:
+            return 0
+        await self._quotas.reserve(user_id, tokens)
+        return tokens
+
+    async def _give_back(self, user_id: uuid.UUID, tokens: int) -> None:
+        if tokens:
+            with anyio.CancelScope(shield=True):
+                await self._true_up(user_id, -tokens)
+
+    async def _true_up(self, user_id: uuid.UUID, delta: int) -> None:
+        if self._quotas is None or not delta:
+            return
+        try:
+            await self._quotas.adjust(user_id, delta)
+        except (CompanionError, CacheUnavailable):
+            logger.warning("could not adjust the token quota by %d", delta, exc_info=True)
 
     async def run(self, turn: Turn, control: RunControl | None = None) -> AsyncGenerator[ChatEvent, None]:
         """Generate and persist the reply, yielding ReplyStarted (once its row exists), its tokens,
@@ -379,11 +426,17 @@ class ChatService:
                 await turn.release()
         self._context.after_turn(turn.conversation.id, turn.history_length + 1)
         if turn.learn:
-            self._context.learn(turn.user_id, turn.conversation.id, turn.user_message.id, turn.user_message.content)
+            self._context.learn(
+                turn.user_id,
+                turn.conversation.id,
+                turn.user_message.id,
+                turn.user_message.content,
+                turn.user_message.created_at,
+            )
         if failure is not None:
             yield failure
             return
-        usage = reply.usage or Usage(0, len(reply.parts))
+        usage = reply.usage or Usage(turn.prompt_tokens, len(reply.parts))
         assert reply.message_id is not None
         yield DoneEvent(reply.message_id, turn.user_message.id, reply.text, usage, reply.finish_reason)
 
@@ -447,8 +500,12 @@ class ChatService:
     async def _settle(self, turn: Turn, reply: _Reply, status: str) -> None:
         await self._stop_flushing(reply)
         if reply.message_id is None:
+            # Nothing generated: only the prompt was spent (charged when generation started).
+            await self._true_up(turn.user_id, turn.prompt_tokens - turn.reserved_tokens if turn.reserved_tokens else 0)
             return
-        usage = reply.usage or Usage(0, len(reply.parts))
+        # Without the model's report (it failed, or the client left first), the estimated prompt and
+        # one token per chunk: the prompt, most of a turn's tokens, is never left uncharged.
+        usage = reply.usage or Usage(turn.prompt_tokens, len(reply.parts))
         kept = await self._conversations.update_message(
             reply.message_id,
             reply.text,
@@ -464,11 +521,9 @@ class ChatService:
                 BufferedMessage(id=reply.message_id, role="assistant", content=reply.text, at=stamp(reply.created_at)),
                 after=stamp(turn.user_message.created_at),
             )
-        if self._quotas is not None and self._quotas.enabled:
-            try:
-                await self._quotas.charge(turn.user_id, usage.total_tokens)
-            except (CompanionError, CacheUnavailable):
-                logger.warning("could not charge %d tokens to the quota", usage.total_tokens, exc_info=True)
+        if turn.reserved_tokens:
+            # After the reply is saved: a counter rebuilt from the database from now on includes it.
+            await self._true_up(turn.user_id, usage.total_tokens - turn.reserved_tokens)
 
     async def _settle_quietly(self, turn: Turn, reply: _Reply, status: str) -> bool:
         try:
@@ -476,3 +531,13 @@ class ChatService:
         except CompanionError:
             logger.warning("could not save the final state of reply %s", reply.message_id, exc_info=True)
         return True
+
+
+async def _or_without(read: Awaitable[T], fallback: T) -> T:
+    """A context read once the user's message is stored: if the database went away meanwhile, the
+    turn goes ahead without that part rather than leave the message unanswered."""
+    try:
+        return await read
+    except ServiceUnavailable:
+        logger.warning("answering without part of the context: the database is unavailable")
+        return fallback

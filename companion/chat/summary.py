@@ -3,7 +3,9 @@
 Messages that leave the short-term window are folded into the conversation's summary, which goes
 into the prompt. Summaries are additive (DESIGN-NOTES #8): each run inserts a new row whose text is
 the previous summary plus a summary of the newly departed messages; no summary and no message is
-ever updated or deleted, so a bad summarisation can never wipe the context.
+ever updated or deleted, so a bad summarisation can never wipe the context. A row is at most
+`max_chars` (4,000) long: the run that would pass it writes a *base row* instead, the mark line "…"
+and the newest whole lines that fit, and the rows after it extend it (see `fold`).
 
 Two modes: `extractive` (deterministic: the first sentence of each message; the default for the
 small local model, which summarises poorly) and `llm` (the provider writes the new part; falls back
@@ -57,6 +59,28 @@ def extractive(messages: list[Message]) -> str:
         who = "The user said" if message.role == "user" else "You replied"
         lines.append(f"{who}: {first_sentence(message.content, 160)}")
     return "\n".join(lines)
+
+
+BASE_MARK = "…"  # the first line of a base row: older lines are in the rows before it
+
+
+def fold(previous: str | None, addition: str, max_chars: int) -> str:
+    """The next summary row: `previous` extended by `addition`, or, when that would pass
+    `max_chars`, a base row that starts over with BASE_MARK and the newest whole lines that fit.
+    No stored row is changed, so what a base row leaves out is still in the rows before it."""
+    content = "\n".join(part for part in (previous or "", addition) if part)
+    if len(content) <= max_chars:
+        return content
+    room = max_chars - len(BASE_MARK)
+    kept: list[str] = []
+    for line in reversed(content.split("\n")):
+        if line == BASE_MARK or len(line) + 1 > room:
+            break
+        kept.append(line)
+        room -= len(line) + 1
+    if not kept:  # a single line longer than the whole budget: its end, cut
+        return BASE_MARK + "\n" + content[-(max_chars - len(BASE_MARK) - 1) :]
+    return "\n".join([BASE_MARK, *reversed(kept)])
 
 
 async def _head(session: AsyncSession, conversation_id: uuid.UUID) -> int | None:
@@ -193,10 +217,7 @@ class Summarizer:
         if len(departed) < self.batch:
             return None
         addition = await self._describe(departed)
-        content = "\n".join(part for part in (previous.content if previous else "", addition) if part)
-        if len(content) > self.max_chars:
-            # Keep the newest part within the budget; the full history stays in the database.
-            content = "…" + content[-(self.max_chars - 1) :]
+        content = fold(previous.content if previous else None, addition, self.max_chars)
         upto = departed[-1].id
         async with self._db.session() as session:
             session.add(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,13 +23,14 @@ from companion.cli.support import (
     started_services,
 )
 from companion.config import Settings
+from companion.errors import CompanionError
 from companion.personalities.schemas import PersonalityOut
 from companion.ratelimit.limiter import Decision
 from companion.ratelimit.quotas import QuotaState
 from companion.services import Services
 from companion.storage import migrate
 from companion.storage.models import User
-from companion.users.service import CreatedUser
+from companion.users.service import ApiKeyInfo, CreatedKey, CreatedUser
 
 # Locals can hold settings and keys: never print them in a traceback.
 app = typer.Typer(
@@ -42,6 +43,8 @@ users_app = typer.Typer(help="Manage users and their API keys.", no_args_is_help
 personalities_app = typer.Typer(help="The global personalities.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 limits_app = typer.Typer(help="A user's request rate limits and token quotas.", no_args_is_help=True)
+keys_app = typer.Typer(help="A user's API keys: list, create, revoke.", no_args_is_help=True)
+users_app.add_typer(keys_app, name="keys")
 app.add_typer(users_app, name="users")
 app.add_typer(personalities_app, name="personalities")
 app.add_typer(db_app, name="db")
@@ -64,19 +67,20 @@ def serve(
 
     settings = settings_or_exit()
     run(_check_database(settings))
-    log_level = settings.log_level.lower()
+    options = server_options(settings)
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(settings), host=host, port=port, **options)
     else:
         # Each worker process builds its own app, so uvicorn needs an import string, not an object.
-        uvicorn.run(
-            "companion.app:create_app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-        )
+        uvicorn.run("companion.app:create_app_from_env", factory=True, host=host, port=port, workers=workers, **options)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for `serve`. Its proxy-header handling is off whatever the environment says
+    (uvicorn trusts 127.0.0.1 by default, and reads FORWARDED_ALLOW_IPS by itself): the client
+    address is decided in one place, by TRUST_FORWARDED_FOR and TRUSTED_PROXIES
+    (companion/api/client_address.py), never rewritten before it is consulted."""
+    return {"log_level": settings.log_level.lower(), "proxy_headers": False, "forwarded_allow_ips": ""}
 
 
 async def _check_database(settings: Settings) -> None:
@@ -106,6 +110,101 @@ async def _create_user(settings: Settings, name: str) -> CreatedUser:
             return await services.users.create(name)
         except ValueError as error:
             raise CliFailure(str(error), code=2) from None
+
+
+KeyUserArgument = Annotated[str, typer.Argument(help="The user's id (printed by `companion users create`).")]
+
+
+@keys_app.command("list")
+def keys_list(user_id: KeyUserArgument, as_json: JsonFlag = False) -> None:
+    """List a user's API keys (never the keys themselves)."""
+    settings = settings_or_exit()
+    user = _user_id_or_exit(user_id)
+    keys = run(_list_keys(settings, user))
+    if as_json:
+        typer.echo(json.dumps([key.model_dump(mode="json") for key in keys]))
+        return
+    _table(
+        ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED"),
+        [
+            (
+                str(k.id),
+                k.name,
+                k.prefix + "…",
+                k.created_at.isoformat(timespec="seconds"),
+                k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "never",
+                k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "",
+            )
+            for k in keys
+        ],
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    user_id: KeyUserArgument,
+    name: Annotated[str, typer.Option("--name", help="What the key is for (1-100 characters).")] = "cli",
+    as_json: JsonFlag = False,
+) -> None:
+    """Create another API key for a user and print it (shown this once only)."""
+    settings = settings_or_exit()
+    user = _user_id_or_exit(user_id)
+    created = run(_create_key(settings, user, name))
+    if as_json:
+        typer.echo(json.dumps({"id": str(created.info.id), "name": created.info.name, "api_key": created.api_key}))
+        return
+    typer.echo(f"Created API key {created.info.name!r} with id {created.info.id}.")
+    typer.echo(f"API key: {created.api_key}")
+    typer.echo("This key is shown only once and cannot be recovered: store it now.")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    user_id: KeyUserArgument,
+    key_id: Annotated[str, typer.Argument(help="The key's id (from `companion users keys list`).")],
+    allow_last: Annotated[
+        bool, typer.Option("--allow-last", help="Revoke it even if it is the user's last active key.")
+    ] = False,
+) -> None:
+    """Revoke an API key: refused on every instance at once, and the sessions made from it end."""
+    settings = settings_or_exit()
+    user = _user_id_or_exit(user_id)
+    try:
+        key = uuid.UUID(key_id)
+    except ValueError:
+        fail(f"KEY_ID must be a key id (a UUID), not {key_id!r}.", 2)
+    ended = run(_revoke_key(settings, user, key, allow_last))
+    typer.echo(f"Revoked API key {key}; {ended} session(s) made from it ended.")
+
+
+async def _list_keys(settings: Settings, user_id: uuid.UUID) -> list[ApiKeyInfo]:
+    async with started_services(settings) as services:
+        await _user_name(services, user_id)
+        return await services.users.list_keys(user_id)
+
+
+async def _create_key(settings: Settings, user_id: uuid.UUID, name: str) -> CreatedKey:
+    async with started_services(settings) as services:
+        try:
+            return await services.users.create_key(user_id, name)
+        except ValueError as error:
+            raise CliFailure(str(error), code=2) from None
+        except CompanionError as error:
+            raise CliFailure(error.message) from None
+
+
+async def _revoke_key(settings: Settings, user_id: uuid.UUID, key_id: uuid.UUID, allow_last: bool) -> int:
+    async with started_services(settings) as services:
+        try:
+            await services.users.revoke_key(user_id, key_id, allow_last=allow_last)
+        except CompanionError as error:
+            hint = " Pass --allow-last to revoke it anyway." if error.code == "last_api_key" else ""
+            raise CliFailure(error.message + hint) from None
+        try:
+            return await services.sessions.revoke_made_with(user_id, key_id)
+        except CacheUnavailable:
+            # Each session checks its key when used, so they are refused all the same.
+            return 0
 
 
 @personalities_app.command("list")

@@ -14,7 +14,7 @@ from sqlalchemy.orm import aliased
 
 from companion.conversations import transfer, tree
 from companion.conversations.schemas import ConversationOut, MessageOut, MessageStatus
-from companion.errors import InvalidInput, NotFound
+from companion.errors import Conflict, InvalidInput, NotFound
 from companion.interchange.chats import ExportedConversation
 from companion.storage.database import Database
 from companion.storage.models import Conversation, Message, User
@@ -82,15 +82,17 @@ def _conversation_not_found() -> NotFound:
 
 
 class ConversationService:
-    def __init__(self, database: Database, clock: Clock = utcnow) -> None:
+    def __init__(self, database: Database, clock: Clock = utcnow, *, max_per_user: int = 10_000) -> None:
         self._db = database
         self._clock = clock
+        self.max_per_user = max_per_user  # CONVERSATIONS_MAX_PER_USER
 
     async def create(
         self, user_id: uuid.UUID, personality_name: str, title: str | None = None, *, greetings: Sequence[str] = ()
     ) -> ConversationOut:
         """A new conversation; `greetings` (a character card's) open it as the assistant's first
-        message, the first one active and the others alternatives to swipe to."""
+        message, the first one active and the others alternatives to swipe to. Raises Conflict (409
+        `too_many_conversations`) past CONVERSATIONS_MAX_PER_USER."""
         now = self._clock()
         row = Conversation(
             id=uuid.uuid4(),
@@ -101,6 +103,13 @@ class ConversationService:
             updated_at=now,
         )
         async with self._db.session() as session:
+            held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
+            if held >= self.max_per_user:
+                raise Conflict(
+                    f"You already have {held} conversations (CONVERSATIONS_MAX_PER_USER={self.max_per_user}); "
+                    "delete some first (DELETE /v1/conversations/{id}).",
+                    code="too_many_conversations",
+                )
             session.add(row)
             await session.flush()
             first: int | None = None
@@ -268,22 +277,10 @@ class ConversationService:
     async def get_reply(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
         """An assistant message of one of the user's conversations; NotFound otherwise (another
         user's reply is indistinguishable from one that does not exist)."""
-        async with self._db.session() as session:
-            row = (
-                await session.execute(
-                    select(Message)
-                    .join(Conversation, Conversation.id == Message.conversation_id)
-                    .where(
-                        Message.id == message_id,
-                        Message.conversation_id == conversation_id,
-                        Message.role == "assistant",
-                        Conversation.user_id == user_id,
-                    )
-                )
-            ).scalar_one_or_none()
-        if row is None:
+        message = await self.owned_message(user_id, conversation_id, message_id)
+        if message.role != "assistant":
             raise NotFound("No such reply in this conversation.", code="message_not_found")
-        return _message_out(row)
+        return message
 
     async def message(self, message_id: int) -> MessageOut | None:
         async with self._db.session() as session:
@@ -438,8 +435,16 @@ class ConversationService:
     async def import_(
         self, user_id: uuid.UUID, conversations: Sequence[ExportedConversation]
     ) -> builtins.list[ConversationOut]:
-        """Store conversations read from a file, all or (on any error) none."""
+        """Store conversations read from a file, all or (on any error) none. Raises Conflict (409
+        `too_many_conversations`) when they would take the user past CONVERSATIONS_MAX_PER_USER."""
         async with self._db.session() as session:
+            held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
+            if held + len(conversations) > self.max_per_user:
+                raise Conflict(
+                    f"You have {held} conversations and the file holds {len(conversations)}: more than "
+                    f"CONVERSATIONS_MAX_PER_USER={self.max_per_user}; delete some first.",
+                    code="too_many_conversations",
+                )
             return await transfer.import_(session, user_id, conversations)
 
     async def settle_stale(self, older_than: datetime, *, skip: Collection[int] = ()) -> builtins.list[MessageOut]:

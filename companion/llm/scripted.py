@@ -24,6 +24,8 @@ class ScriptedReply:
     timeout_after: raise ProviderTimeout after this many tokens.
     hang_after: after this many tokens, wait until the consumer goes away (a stuck model).
     gate: when set, each token waits for one release of this semaphore (lets a test pace tokens).
+    prompt_tokens: the prompt size to report instead of the estimate (lets a test check that the
+    provider's own figure is what reaches the client and the database).
     """
 
     text: str
@@ -31,6 +33,7 @@ class ScriptedReply:
     timeout_after: int | None = None
     hang_after: int | None = None
     gate: asyncio.Semaphore | None = None
+    prompt_tokens: int | None = None
 
 
 def default_reply(messages: Sequence[ChatMessage]) -> str:
@@ -59,7 +62,9 @@ class ScriptedProvider:
         reply = self._script.pop(0) if self._script else ScriptedReply(default_reply(messages))
         all_tokens = _TOKEN_RE.findall(reply.text)
         tokens = all_tokens[: params.max_tokens]
-        prompt_tokens = sum(estimate_tokens(m.content) for m in messages)
+        prompt_tokens = reply.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = sum(estimate_tokens(m.content) for m in messages)
         for index, token in enumerate(tokens):
             if reply.fail_after == index:
                 raise ProviderError("The scripted provider failed as scripted.")

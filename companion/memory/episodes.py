@@ -8,7 +8,7 @@ import re
 from companion.memory.extract import sentences
 
 # A passage groups consecutive sentences up to this many characters: short enough that one
-# embedding still stands for it (MiniLM reads about 256 word pieces), long enough that "She loves it
+# embedding still stands for it (our tokenizer gives MiniLM at most 128 word pieces), long enough that "She loves it
 # there." keeps the sentence it refers to. A single longer sentence is one passage by itself.
 PASSAGE_CHARS = 200
 # Nothing worth remembering: a sentence made only of these words (greetings, thanks, laughter,

@@ -70,23 +70,13 @@ class PgVectorStore(SqlVectorStore):
             ).all()
         return [_out(row, score=round(float(row.score), 4)) for row in rows if row.score >= min_score]
 
-    async def text_search(
-        self,
-        user_id: uuid.UUID,
-        words: Sequence[str],
-        vector: np.ndarray,
-        k: int,
-        *,
-        generation: int | None = None,
-        scope: Scope = "all",
+    async def scored(
+        self, user_id: uuid.UUID, ids: Sequence[uuid.UUID], vector: np.ndarray, *, generation: int | None = None
     ) -> list[MemoryOut]:
-        if not words or k <= 0:
+        if not ids:
             return []
         columns = ", ".join(_FIELDS)
         async with self._db.session() as session:
-            ids = await self._full_text.search(session, user_id, words, k, scope=scope)
-            if not ids:
-                return []
             rows = (
                 await session.execute(
                     text(
@@ -94,7 +84,7 @@ class PgVectorStore(SqlVectorStore):
                         "WHERE user_id = :user_id AND model = :model AND embedding_vec IS NOT NULL "
                         "AND id = ANY(:ids)"
                     ),
-                    {"query": vector_literal(vector), "user_id": user_id, "model": self.model_id, "ids": ids},
+                    {"query": vector_literal(vector), "user_id": user_id, "model": self.model_id, "ids": list(ids)},
                 )
             ).all()
         found = {row.id: row for row in rows}

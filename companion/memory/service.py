@@ -111,6 +111,7 @@ class MemoryService:
         self.stats = MemoryStats()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._writers: KeyedLocks[uuid.UUID] = KeyedLocks()  # one writer per user in this instance
+        self._cleared: dict[uuid.UUID, datetime] = {}  # when each user last forgot everything (here)
 
     @property
     def enabled(self) -> bool:
@@ -156,11 +157,9 @@ class MemoryService:
             return []  # never had a memory: no embedding needed
 
         async def search() -> _Recalled:
-            (vector,) = await self.embedder.embed([query])
             relevant = await self.hybrid(
                 user_id,
                 query,
-                vector,
                 self.config.top_k,
                 generation=generation,
                 min_score=self.config.min_score,
@@ -182,24 +181,34 @@ class MemoryService:
         self,
         user_id: uuid.UUID,
         query: str,
-        vector: np.ndarray,
         k: int,
         *,
+        vector: np.ndarray | None = None,
         generation: int | None = None,
         scope: Scope = "all",
         min_score: float = -1.0,
         text_min_score: float = -1.0,
     ) -> builtins.list[MemoryOut]:
-        """The user's `k` memories best for `query`: the ranking by meaning (cosine to `vector`) and
-        the ranking by words (full text) fused by reciprocal rank. A memory found by meaning needs
-        cosine ≥ `min_score`, one found by words ≥ `text_min_score`; `score` is the cosine."""
+        """The user's `k` memories best for `query`: the ranking by meaning (cosine to the query's
+        embedding, `vector` if given) and the ranking by words (full text) fused by reciprocal rank.
+        A memory found by meaning needs cosine ≥ `min_score`, one found by words ≥ `text_min_score`;
+        `score` is the cosine. The word query runs while the query is embedded."""
         n = max(k, self.config.candidates)
         words = terms(query)
-        by_meaning, by_words = await asyncio.gather(
-            self.store.search(user_id, vector, n, generation=generation, scope=scope),
-            self.store.text_search(user_id, words, vector, n, generation=generation, scope=scope),
-        )
-        found = {m.id: m for m in by_meaning} | {m.id: m for m in by_words}
+        matching = asyncio.ensure_future(self.store.match(user_id, words, n, scope=scope)) if words else None
+        try:
+            if vector is None:
+                (vector,) = await self.embedder.embed([query])
+            by_meaning = await self.store.search(user_id, vector, n, generation=generation, scope=scope)
+            ids = await matching if matching is not None else []
+        finally:
+            if matching is not None and not matching.done():
+                matching.cancel()
+        found = {m.id: m for m in by_meaning}
+        missing = [memory_id for memory_id in ids if memory_id not in found]
+        if missing:
+            found |= {m.id: m for m in await self.store.scored(user_id, missing, vector, generation=generation)}
+        by_words = [found[memory_id] for memory_id in ids if memory_id in found]
         admitted = {m.id for m in by_meaning if (m.score or 0.0) >= min_score} | {
             m.id for m in by_words if (m.score or 0.0) >= text_min_score
         }
@@ -220,8 +229,7 @@ class MemoryService:
     ) -> builtins.list[MemoryOut]:
         if not self.enabled:
             raise memory_disabled()
-        (vector,) = await self.embedder.embed([query])
-        return await self.hybrid(user_id, query, vector, limit, scope=scope)
+        return await self.hybrid(user_id, query, limit, scope=scope)
 
     async def add(
         self,
@@ -255,6 +263,13 @@ class MemoryService:
         return await self.store.delete_from(user_id, conversation_id=conversation_id, message_id=message_id)
 
     async def delete_all(self, user_id: uuid.UUID) -> int:
+        """Forget everything. Nothing said before it comes back: an extraction already running on this
+        instance is waited for (then deleted with the rest), and one scheduled later for a message
+        said before it (a reply that settles afterwards) is dropped."""
+        self._cleared[user_id] = self._clock()
+        pending = [task for task in self._tasks if task.get_name().startswith("memory-extract-")]  # type: ignore[attr-defined]
+        if pending:
+            await asyncio.wait(pending)
         return await self.store.delete_all(user_id)
 
     # --- extraction ------------------------------------------------------------------------------
@@ -312,6 +327,9 @@ class MemoryService:
         """Remember a user's message now: its episodes (if `config.episodes`), then its facts, each
         fact pointing to the episode it is closest to. Returns the facts kept (added or updated)."""
         said_at = said_at or self._clock()
+        cleared = self._cleared.get(user_id)
+        if cleared is not None and said_at < cleared:
+            return []  # said before the user asked to forget everything
         facts: builtins.list[Fact] = []
         if self.config.extractor in ("rules", "both"):
             facts += rule_facts(text)

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
 from types import TracebackType
 
 # Below this, lateness is the loop's ordinary scheduling jitter, not a stall.
 _JITTER = 0.002
+
+# The innermost LagTolerantTimeout of the running task, for `excluded_wait`.
+_CURRENT: ContextVar[LagTolerantTimeout | None] = ContextVar("companion_lag_tolerant_timeout", default=None)
 
 
 class LoopMonitor:
@@ -86,7 +92,19 @@ class LagTolerantTimeout:
     """`async with monitor.timeout(0.25, cap=2.0):` raises TimeoutError once the block has had
     `seconds` of loop time not lost to stalls, or `cap` seconds of wall time, whichever first."""
 
-    __slots__ = ("_cap", "_due", "_handle", "_loop", "_monitor", "_seconds", "_stalled", "_start", "_timeout")
+    __slots__ = (
+        "_cap",
+        "_due",
+        "_handle",
+        "_loop",
+        "_monitor",
+        "_paused_at",
+        "_seconds",
+        "_stalled",
+        "_start",
+        "_timeout",
+        "_token",
+    )
 
     def __init__(self, monitor: LoopMonitor | None, seconds: float, *, cap: float | None = None) -> None:
         self._monitor = monitor
@@ -94,6 +112,8 @@ class LagTolerantTimeout:
         self._cap = max(cap if cap is not None else seconds * 8, seconds)
         self._timeout = asyncio.timeout(None)
         self._handle: asyncio.TimerHandle | None = None
+        self._paused_at: float | None = None
+        self._token: Token[LagTolerantTimeout | None] | None = None
 
     async def __aenter__(self) -> LagTolerantTimeout:
         await self._timeout.__aenter__()
@@ -102,10 +122,16 @@ class LagTolerantTimeout:
         self._stalled = self._monitor.stalled_now() if self._monitor is not None else 0.0
         self._due = self._start + self._seconds
         self._handle = self._loop.call_at(self._due, self._check)
+        self._token = _CURRENT.set(self)
         return self
 
     def _check(self) -> None:
         now = self._loop.time()
+        if self._paused_at is not None:
+            # Waiting in one of our own queues (`excluded_wait`), which bounds that wait itself.
+            self._due = now + self._seconds
+            self._handle = self._loop.call_at(self._due, self._check)
+            return
         own_lateness = now - self._due
         stalled = self._monitor.stalled_now() - self._stalled if self._monitor is not None else 0.0
         due = min(self._start + self._seconds + max(stalled, own_lateness), self._start + self._cap)
@@ -123,6 +149,9 @@ class LagTolerantTimeout:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -130,3 +159,21 @@ class LagTolerantTimeout:
 
     def expired(self) -> bool:
         return self._timeout.expired()
+
+
+@contextmanager
+def excluded_wait() -> Iterator[None]:
+    """Time spent inside does not count against the enclosing `LagTolerantTimeout`: a wait for one
+    of our own pooled connections is this process being busy, bounded by the pool's own wait, and
+    says nothing about the dependency the timeout is for."""
+    current = _CURRENT.get()
+    if current is None or current._handle is None:
+        yield
+        return
+    loop = current._loop
+    current._paused_at = started = loop.time()
+    try:
+        yield
+    finally:
+        current._paused_at = None
+        current._start += loop.time() - started

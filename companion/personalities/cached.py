@@ -28,8 +28,9 @@ class CachedPersonalityService(PersonalityService):
         ttl: float = 3600,
         local_ttl: float = 60,
         miss_ttl: float = 30,
+        max_per_user: int = 100,
     ) -> None:
-        super().__init__(database, clock)
+        super().__init__(database, clock, max_per_user=max_per_user)
         self._cache = cache
         self._cached = Cached(cache, ModelCodec(PersonalityOut), ttl=ttl, local_ttl=local_ttl, miss_ttl=miss_ttl)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import case, delete, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from companion.errors import Conflict, NotFound
@@ -41,9 +41,10 @@ def _not_found(name: str) -> NotFound:
 
 
 class PersonalityService:
-    def __init__(self, database: Database, clock: Clock = utcnow) -> None:
+    def __init__(self, database: Database, clock: Clock = utcnow, *, max_per_user: int = 100) -> None:
         self._db = database
         self._clock = clock
+        self.max_per_user = max_per_user  # PERSONALITIES_MAX_PER_USER
 
     async def ensure_builtins(self) -> int:
         """Insert any missing global personality; never overwrite one an operator edited."""
@@ -113,7 +114,8 @@ class PersonalityService:
             return [_out(row) for row in rows]
 
     async def create(self, user_id: uuid.UUID, data: PersonalityCreate) -> PersonalityOut:
-        """Create the user's own personality. Raises Conflict if they already have one by that name."""
+        """Create the user's own personality. Raises Conflict if they already have one by that name, or
+        already have PERSONALITIES_MAX_PER_USER."""
         now = self._clock()
         row = Personality(
             id=uuid.uuid4(),
@@ -128,6 +130,15 @@ class PersonalityService:
         )
         try:
             async with self._db.session() as session:
+                owned = (
+                    await session.execute(select(func.count()).where(Personality.owner_id == user_id))
+                ).scalar_one()
+                if owned >= self.max_per_user:
+                    raise Conflict(
+                        f"You already have {owned} personalities (PERSONALITIES_MAX_PER_USER={self.max_per_user}); "
+                        "delete one first.",
+                        code="too_many_personalities",
+                    )
                 session.add(row)
         except IntegrityError:
             raise Conflict(

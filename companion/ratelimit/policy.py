@@ -10,7 +10,8 @@ takes over (or, with RATE_LIMIT_FAIL_CLOSED, requests are refused with 503); nev
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,9 @@ class RateLimitService:
         self.auth_failure_limit = Limit("auth-failures", auth_failures_per_minute, 60)
         self.route_limits = {route: Limit(route, n, 60) for route, n in (route_overrides or {}).items()}
         self.counts = PolicyCounts()
+        # Addresses known to be over their failed-authentication limit, until when (monotonic): refused
+        # before anything else, without a round trip. Bounded; the shared limiter stays the truth.
+        self._blocked: OrderedDict[str, float] = OrderedDict()
 
     def limit_for(self, route: str) -> Limit:
         return self.route_limits.get(route, self.user_limit)
@@ -138,18 +142,63 @@ class RateLimitService:
         """Count a failed authentication; raises RateLimited once the address has failed too often."""
         decision = await self._hit(keys.rate_limit(self.auth_failure_limit.name, ip), self.auth_failure_limit)
         if not decision.allowed:
-            raise RateLimited(
-                "Too many failed authentication attempts from your address; wait before trying again.",
-                decision=decision,
-                retry_after=decision.retry_after_seconds,
-                code="too_many_auth_failures",
-            )
+            self._block(ip, decision.retry_after_seconds)
+            raise self._too_many_failures(decision, decision.retry_after_seconds)
+
+    def refuse_blocked(self, ip: str) -> None:
+        """Raise RateLimited if this instance already knows `ip` is over its failed-authentication
+        limit: no round trip, so it can run before anything else on every request."""
+        until = self._blocked.get(ip)
+        if until is None:
+            return
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._blocked[ip]
+            return
+        raise self._too_many_failures(None, left)
+
+    async def refuse_over_auth_limit(self, ip: str) -> None:
+        """Raise RateLimited if `ip` is over its failed-authentication limit on the shared limiter
+        (another instance may have counted its failures). Called before a key lookup that would
+        reach the database; spends nothing."""
+        self.refuse_blocked(ip)
+        limit = self.auth_failure_limit
+        try:
+            decision = await self._limiter.peek(keys.rate_limit(limit.name, ip), limit)
+        except CacheUnavailable:
+            if self._fallback is None:
+                return  # nothing to consult; the failure itself is still counted (or refused)
+            decision = await self._fallback.peek(keys.rate_limit(limit.name, ip), limit)
+        if decision.remaining >= 1:
+            return
+        # The next hit is refused until one emission interval of the bucket has drained.
+        retry_after = max(decision.reset_seconds - (limit.limit - 1) * limit.period_seconds / limit.limit, 0.001)
+        self._block(ip, retry_after)
+        raise self._too_many_failures(None, retry_after)
+
+    def _block(self, ip: str, seconds: float) -> None:
+        self._blocked[ip] = time.monotonic() + seconds
+        self._blocked.move_to_end(ip)
+        while len(self._blocked) > 10_000:
+            self._blocked.popitem(last=False)
+
+    def _too_many_failures(self, decision: Decision | None, retry_after: float) -> RateLimited:
+        if decision is None:  # refused before a hit (a hit counts itself): the same answer a hit gives
+            self.counts.limited[self.auth_failure_limit.name] += 1
+            decision = Decision(False, self.auth_failure_limit, 0, retry_after, retry_after)
+        return RateLimited(
+            "Too many failed authentication attempts from your address; wait before trying again.",
+            decision=decision,
+            retry_after=retry_after,
+            code="too_many_auth_failures",
+        )
 
     async def state(self, subject: str) -> list[Decision]:
         limits = [self.user_limit, *self.route_limits.values()]
         return [await self._limiter.peek(keys.rate_limit(limit.name, subject), limit) for limit in limits]
 
     async def reset(self, subject: str) -> None:
+        self._blocked.pop(subject, None)
         for limit in [self.user_limit, *self.route_limits.values(), self.ip_limit, self.auth_failure_limit]:
             await self._limiter.reset(keys.rate_limit(limit.name, subject))
             if self._fallback is not None:

@@ -1,12 +1,22 @@
 """Server-side sessions with a sliding TTL, for the web page: a session lives in the cache backend
 (Redis, or in-process when Redis is off), together with a per-user index so a user can list and
 revoke theirs. The token handed to the browser is `cms_<user>.<session id>.<secret>`; only a hash
-of the secret is stored, compared in constant time."""
+of the secret is stored, compared in constant time.
+
+A session remembers the API key it was made from (by id, and by hash so the caller can check the key
+is still active): revoking the key ends the sessions made from it. A user holds at most
+SESSIONS_MAX_PER_USER sessions (409 past it), so one user cannot crowd out others' sessions.
+
+A revocation that cannot reach Redis is not pretended: `revoke` raises `RevocationDeferred` (503),
+the session is refused by this instance from then on, and the revocation is replayed as soon as
+Redis answers again (on the breaker's recovery, the invalidation channel's reconnect, or the next
+session operation), as deferred cache invalidations are."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,11 +28,20 @@ from pydantic import BaseModel
 
 from companion.cache import keys
 from companion.cache.backend import CacheBackend, CacheUnavailable
-from companion.errors import NotFound
+from companion.errors import Conflict, NotFound, ServiceUnavailable
 from companion.types import Clock, utcnow
 
+logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "cms_"
 T = TypeVar("T")
+MAX_PENDING_REVOCATIONS = 100_000
+
+
+class RevocationDeferred(ServiceUnavailable):
+    """The session store (Redis) is unreachable: the session is refused here at once and revoked
+    everywhere as soon as Redis is back, but that could not be done now."""
+
+    code = "session_revocation_deferred"
 
 
 class SessionInfo(BaseModel):
@@ -31,10 +50,12 @@ class SessionInfo(BaseModel):
     created_at: datetime
     last_seen_at: datetime
     user_agent: str | None = None
+    api_key_id: uuid.UUID | None = None  # the key it was made from (directly or via another session)
 
 
 class _Stored(SessionInfo):
     secret_hash: str
+    key_hash: str | None = None
 
 
 def _hash(secret: str) -> str:
@@ -58,13 +79,17 @@ class SessionService:
         *,
         fallback: CacheBackend | None = None,
         ttl_seconds: float = 12 * 3600,
+        max_per_user: int = 20,
         clock: Clock = utcnow,
     ) -> None:
         self._backend = backend
         # Sessions made while Redis is unreachable live in this process until it is back.
         self._fallback = fallback
         self.ttl_seconds = ttl_seconds
+        self.max_per_user = max_per_user
         self._clock = clock
+        # Revocations that could not reach Redis: (user, session id), refused here until replayed.
+        self._pending: set[tuple[uuid.UUID, str]] = set()
 
     async def _with_fallback(self, operation: Callable[[CacheBackend], Awaitable[T]]) -> T:
         try:
@@ -74,7 +99,22 @@ class SessionService:
                 raise
             return await operation(self._fallback)
 
-    async def create(self, user_id: uuid.UUID, *, user_agent: str | None = None) -> tuple[str, SessionInfo]:
+    async def create(
+        self,
+        user_id: uuid.UUID,
+        *,
+        user_agent: str | None = None,
+        api_key_id: uuid.UUID | None = None,
+        key_hash: str | None = None,
+    ) -> tuple[str, SessionInfo]:
+        """Raises Conflict (409 `too_many_sessions`) when the user already has SESSIONS_MAX_PER_USER."""
+        held = len(await self.list(user_id))
+        if held >= self.max_per_user:
+            raise Conflict(
+                f"You already have {held} sessions (SESSIONS_MAX_PER_USER={self.max_per_user}); sign out of one "
+                "(DELETE /v1/sessions/{id}) or wait for one to expire.",
+                code="too_many_sessions",
+            )
         session_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(24)
         now = self._clock()
@@ -84,7 +124,9 @@ class SessionService:
             created_at=now,
             last_seen_at=now,
             user_agent=(user_agent or "")[:200] or None,
+            api_key_id=api_key_id,
             secret_hash=_hash(secret),
+            key_hash=key_hash,
         )
 
         async def write(backend: CacheBackend) -> None:
@@ -93,14 +135,24 @@ class SessionService:
 
         await self._with_fallback(write)
         token = f"{TOKEN_PREFIX}{user_id.hex}.{session_id}.{secret}"
-        return token, SessionInfo(**stored.model_dump(exclude={"secret_hash"}))
+        return token, SessionInfo(**stored.model_dump(exclude={"secret_hash", "key_hash"}))
 
     async def authenticate(self, token: str) -> SessionInfo | None:
         """The session for `token` (sliding its expiry), or None if unknown, expired or revoked."""
+        found = await self.authenticate_with_key(token)
+        return found[0] if found else None
+
+    async def authenticate_with_key(self, token: str) -> tuple[SessionInfo, str | None] | None:
+        """Like `authenticate`, with the hash of the API key the session was made from (None for a
+        session made before sessions remembered their key): the caller checks that key is active."""
         parsed = parse_token(token)
         if parsed is None:
             return None
         user_id, session_id, secret = parsed
+        if self._pending:
+            await self.replay_pending()
+            if (user_id, session_id) in self._pending:
+                return None  # revoked while Redis was unreachable; Redis may still hold it
         key = keys.session(user_id, session_id)
 
         async def read(backend: CacheBackend) -> bytes | None:
@@ -119,7 +171,7 @@ class SessionService:
         stored = _Stored.model_validate_json(data)
         if not hmac.compare_digest(stored.secret_hash, _hash(secret)) or stored.user_id != user_id:
             return None
-        return SessionInfo(**stored.model_dump(exclude={"secret_hash"}))
+        return SessionInfo(**stored.model_dump(exclude={"secret_hash", "key_hash"})), stored.key_hash
 
     async def list(self, user_id: uuid.UUID) -> list[SessionInfo]:
         async def read(backend: CacheBackend) -> list[SessionInfo]:
@@ -132,6 +184,9 @@ class SessionService:
                     continue
                 stored = orjson.loads(data)
                 stored.pop("secret_hash", None)
+                stored.pop("key_hash", None)
+                if (user_id, stored.get("id")) in self._pending:
+                    continue
                 sessions.append(SessionInfo.model_validate(stored))
             return sessions
 
@@ -143,15 +198,96 @@ class SessionService:
         return sorted(found.values(), key=lambda s: s.created_at)
 
     async def revoke(self, user_id: uuid.UUID, session_id: str) -> None:
-        """Raises NotFound if the user has no such session."""
+        """Raises NotFound if the user has no such session, RevocationDeferred (503) if Redis could
+        not be reached: then the session is refused here at once and revoked there once it is back."""
 
         async def remove(backend: CacheBackend) -> int:
             removed = await backend.delete(keys.session(user_id, session_id))
             await backend.srem(keys.session_index(user_id), session_id)
             return removed
 
-        removed = await self._with_fallback(remove)
-        if self._fallback is not None:
-            removed += await remove(self._fallback)
+        if self._fallback is not None and await remove(self._fallback):
+            return  # made while Redis was unreachable: it only ever lived here
+        if self._pending:
+            await self.replay_pending()
+        try:
+            removed = await remove(self._backend)
+        except CacheUnavailable:
+            if self._fallback is None:
+                raise
+            self._defer(user_id, session_id)
+            raise RevocationDeferred(
+                "The session is signed out on this server, but the session store is unreachable right now; "
+                "it will be revoked everywhere as soon as the store is back. Retry to confirm."
+            ) from None
         if not removed:
             raise NotFound("No such session. List yours with GET /v1/sessions.", code="session_not_found")
+
+    async def sign_out(self, token: str) -> bool:
+        """Revoke the session `token` names, if its secret matches: False if there is none. While
+        Redis is unreachable the secret cannot be checked there: the session is revoked anyway
+        (deferred: RevocationDeferred), since a sign-out that quietly left it valid would be worse."""
+        parsed = parse_token(token)
+        if parsed is None:
+            return False
+        user_id, session_id, _ = parsed
+        try:
+            found = await self.authenticate_with_key(token)
+        except CacheUnavailable:
+            found = None  # no fallback: the revoke below defers nothing and raises too
+        if found is None:
+            if not await self._store_unreachable():
+                return False
+            if self._fallback is None:
+                raise RevocationDeferred("The session store is unreachable right now; retry in a few seconds.")
+        try:
+            await self.revoke(user_id, session_id)
+        except NotFound:
+            return False  # revoked meanwhile, e.g. through DELETE /v1/sessions/{id}
+        return True
+
+    async def _store_unreachable(self) -> bool:
+        try:
+            await self._backend.get(keys.session_index(uuid.UUID(int=0)))
+        except CacheUnavailable:
+            return True
+        return False
+
+    async def revoke_made_with(self, user_id: uuid.UUID, api_key_id: uuid.UUID) -> int:
+        """End every session of the user made from this API key (its key was revoked). Sessions this
+        instance cannot reach now are refused anyway: each checks its key when used."""
+        ended = 0
+        for session in await self.list(user_id):
+            if session.api_key_id == api_key_id:
+                try:
+                    await self.revoke(user_id, session.id)
+                    ended += 1
+                except (NotFound, RevocationDeferred):
+                    pass
+        return ended
+
+    def _defer(self, user_id: uuid.UUID, session_id: str) -> None:
+        if len(self._pending) >= MAX_PENDING_REVOCATIONS:
+            # Never dropped (that would revive a signed-out session); past this the store is gone for
+            # so long that logging loudly is all that is left to do.
+            logger.error("%d session revocations waiting for the session store", len(self._pending))
+        self._pending.add((user_id, session_id))
+        logger.warning("session revocation deferred until Redis is reachable (%d pending)", len(self._pending))
+
+    @property
+    def pending_revocations(self) -> int:
+        return len(self._pending)
+
+    async def replay_pending(self) -> None:
+        """Apply revocations that could not reach Redis. Each stays pending (and refused) until done."""
+        replayed = 0
+        for user_id, session_id in list(self._pending):
+            try:
+                await self._backend.delete(keys.session(user_id, session_id))
+                await self._backend.srem(keys.session_index(user_id), session_id)
+            except CacheUnavailable:
+                break
+            self._pending.discard((user_id, session_id))
+            replayed += 1
+        if replayed:
+            logger.info("replayed %d deferred session revocations", replayed)

@@ -66,6 +66,7 @@ class Database:
         ping_after_idle_seconds: float = 1.0,
         echo: bool = False,
         loop: LoopMonitor | None = None,
+        hide_parameters: bool = True,
     ) -> None:
         self.url = url
         parsed = make_url(url)
@@ -74,7 +75,9 @@ class Database:
         self.pool_timeout = pool_timeout if pool_timeout is not None else max(connect_timeout * 3, 10.0)
         self.loop = loop
         self.pool_timeouts = 0  # requests answered `overloaded` because no pooled connection came in time
-        kwargs: dict[str, Any] = {"echo": echo}
+        # Statement parameters are what users wrote (messages, memories): an error's text (and so any
+        # log of it) leaves them out unless debug logging is asked for (LOG_LEVEL=DEBUG).
+        kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": hide_parameters}
         if self.dialect == "sqlite":
             database = parsed.database
             if database and database != ":memory:":

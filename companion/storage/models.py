@@ -71,7 +71,11 @@ class ApiKey(Base):
     # SHA-256 of the whole key: keys are 256-bit random, so a slow password hash adds nothing.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    # What the user calls it ("laptop", "ci"); several keys per user, each revocable on its own.
+    name: Mapped[str] = mapped_column(String(100), default="default", server_default="default")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Written at most once per API_KEY_LAST_USED_FLUSH_SECONDS per key and instance, never per request.
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 

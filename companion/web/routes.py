@@ -9,14 +9,15 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Cookie, FastAPI, Header, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from companion.api.deps import SESSION_COOKIE, ServicesDep, client_ip, require_csrf
-from companion.errors import Forbidden, NotFound, Unauthorized
+from companion.api.deps import SESSION_COOKIE, ServicesDep, client_ip, live_session, require_csrf
+from companion.errors import Forbidden, Unauthorized
 from companion.services import Services
 from companion.sessions.csrf import CSRF_HEADER, csrf_token
+from companion.sessions.service import RevocationDeferred
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Everything the page loads comes from this origin; no inline script or style, no framing.
@@ -76,9 +77,7 @@ def _set_cookie(response: Response, services: Services, token: str) -> None:
     )
 
 
-def _signed_in(
-    response: Response, services: Services, token: str, user_id: uuid.UUID, session_id: str
-) -> WebSession:
+def _signed_in(response: Response, services: Services, token: str, user_id: uuid.UUID, session_id: str) -> WebSession:
     """Set (or renew) the session cookie; the page's view of its session, with the CSRF token."""
     _set_cookie(response, services, token)
     return WebSession(
@@ -114,14 +113,22 @@ async def sign_in(
     """Sign the page in: start a server-side session for the API key's user and put its token in an
     HttpOnly cookie. The answer carries the CSRF token for later changes."""
     _check_origin(request)
+    limits = services.rate_limits
+    ip = client_ip(request, services)
+    if limits.enabled:
+        limits.refuse_blocked(ip)
     try:
-        user_id = await services.users.authenticate(body.api_key.strip())
+        owner = await services.users.authenticate_key(
+            body.api_key.strip(), gate=(lambda: limits.refuse_over_auth_limit(ip)) if limits.enabled else None
+        )
     except Unauthorized:
-        if services.rate_limits.enabled:
-            await services.rate_limits.auth_failed(client_ip(request, services))
+        if limits.enabled:
+            await limits.auth_failed(ip)
         raise
-    token, info = await services.sessions.create(user_id, user_agent=user_agent)
-    return _signed_in(response, services, token, user_id, info.id)
+    token, info = await services.sessions.create(
+        owner.user_id, user_agent=user_agent, api_key_id=owner.key_id, key_hash=owner.key_hash
+    )
+    return _signed_in(response, services, token, owner.user_id, info.id)
 
 
 @router.get("/web/session", response_model=WebSession)
@@ -131,9 +138,10 @@ async def current_session(
     token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
 ) -> WebSession:
     """The page's session, if its cookie is still good (401 otherwise); renews the cookie."""
-    session = await services.sessions.authenticate(token) if token else None
-    if token is None or session is None:
+    found = await live_session(services, token) if token else None
+    if token is None or found is None:
         raise Unauthorized("You are not signed in.", code="invalid_session")
+    session = found[0]
     return _signed_in(response, services, token, session.user_id, session.id)
 
 
@@ -143,15 +151,19 @@ async def sign_out(
     services: ServicesDep,
     token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
 ) -> Response:
-    """Revoke the page's session on the server and drop its cookie."""
+    """Revoke the page's session on the server and drop its cookie. 503
+    `session_revocation_deferred` (cookie dropped all the same) when the session store is unreachable:
+    the session is refused here at once and revoked everywhere when the store is back."""
+    deferred: RevocationDeferred | None = None
     if token:
         require_csrf(request, token)
-        session = await services.sessions.authenticate(token)
-        if session is not None:
-            try:
-                await services.sessions.revoke(session.user_id, session.id)
-            except NotFound:
-                pass  # revoked meanwhile, e.g. through DELETE /v1/sessions/{id}
-    response = Response(status_code=204)
+        try:
+            await services.sessions.sign_out(token)
+        except RevocationDeferred as error:
+            deferred = error
+    if deferred is not None:
+        response: Response = JSONResponse(deferred.to_body(), status_code=503, headers={"Retry-After": "5"})
+    else:
+        response = Response(status_code=204)
     _clear_cookie(response, services)
     return response

@@ -35,8 +35,9 @@ class FakeClock:
 
 @dataclass
 class BackendCase:
-    """One backend under test. The memory backend runs on `clock`; Redis on real time, so its
-    TTLs are kept short and awaited with a deadline."""
+    """One backend under test. The memory backend runs on `clock`; Redis on its own real clock, so
+    there a TTL is long enough that no read races it, is checked to be what was asked for, and is
+    then run out at once with PEXPIRE (Redis's own expiry, never a sleep)."""
 
     backend: MemoryBackend | RedisBackend
     clock: FakeClock | None = None
@@ -53,17 +54,27 @@ class BackendCase:
 
     @property
     def short_ttl(self) -> float:
-        """A TTL that a test can see run out: 50 ms of real time on Redis, 5 fake seconds in memory."""
-        return 0.05 if self.is_redis else 5.0
+        """A TTL a test can see run out: 5 fake seconds in memory; on Redis 20 real seconds, far
+        more than any read that must land before it takes, ended early by `after_ttl`."""
+        return 20.0 if self.is_redis else 5.0
 
-    async def after_ttl(self, condition: Callable[[], Awaitable[bool]], *, seconds: float | None = None) -> None:
-        """Let `seconds` (default: short_ttl) pass, then require `condition`: on the memory
-        backend by moving its clock, on Redis by waiting for the condition with a deadline."""
+    async def after_ttl(
+        self, condition: Callable[[], Awaitable[bool]], *, key: str, seconds: float | None = None
+    ) -> None:
+        """Let `seconds` (default: short_ttl) pass for `key`, then require `condition`: on the memory
+        backend by moving its clock; on Redis by checking that `key` carries that TTL (not more, and
+        not much less: the TTL asked for, in the right unit), expiring it now, and waiting for
+        `condition` with a deadline."""
+        ttl = seconds if seconds is not None else self.short_ttl
         if self.clock is not None:
-            self.clock.advance((seconds if seconds is not None else self.short_ttl) + 0.001)
+            self.clock.advance(ttl + 0.001)
             assert await condition()
-        else:
-            await wait_for(condition, timeout=5, what="a Redis TTL to run out")
+            return
+        assert self.redis is not None
+        remaining = await self.redis.pttl(key)
+        assert ttl * 1000 / 2 < remaining <= ttl * 1000, f"{key} has a TTL of {remaining} ms, not about {ttl} s"
+        assert await self.redis.pexpire(key, 1)
+        await wait_for(condition, timeout=5, what="a Redis TTL to run out")
 
     async def still_there_for_a_while(self, condition: Callable[[], Awaitable[bool]]) -> None:
         """`condition` holds now and, on the memory backend, also after a very long time."""

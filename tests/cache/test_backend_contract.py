@@ -61,7 +61,7 @@ async def test_set_with_a_ttl_expires(cache_backend: BackendCase) -> None:
     backend = cache_backend.backend
     await backend.set(KEY, b"brief", cache_backend.short_ttl)
     assert await backend.get(KEY) == b"brief"
-    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY))
+    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY), key=KEY)
 
 
 async def test_set_without_a_ttl_does_not_expire(cache_backend: BackendCase) -> None:
@@ -86,7 +86,7 @@ async def test_add_sets_only_when_the_key_is_absent(cache_backend: BackendCase) 
 async def test_add_succeeds_again_once_the_first_value_expired(cache_backend: BackendCase) -> None:
     backend = cache_backend.backend
     assert await backend.add(KEY, b"first", cache_backend.short_ttl) is True
-    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY))
+    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY), key=KEY)
     assert await backend.add(KEY, b"second", 60) is True
     assert await backend.get(KEY) == b"second"
 
@@ -125,7 +125,7 @@ async def test_set_if_locked_gives_the_value_its_ttl(cache_backend: BackendCase)
     backend = cache_backend.backend
     assert await backend.add(keys.lock(KEY), b"token-1", 60)
     assert await backend.set_if_locked(KEY, b"loaded", cache_backend.short_ttl, keys.lock(KEY), "token-1")
-    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY))
+    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY), key=KEY)
 
 
 # --- delete / expire / incr --------------------------------------------------------------------------
@@ -144,7 +144,7 @@ async def test_expire_gives_an_existing_key_a_ttl(cache_backend: BackendCase) ->
     backend = cache_backend.backend
     await backend.set(KEY, b"value")
     assert await backend.expire(KEY, cache_backend.short_ttl) is True
-    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY))
+    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY), key=KEY)
 
 
 async def test_expire_of_a_missing_key_is_false_and_creates_nothing(cache_backend: BackendCase) -> None:
@@ -162,7 +162,7 @@ async def test_incr_keeps_the_keys_ttl(cache_backend: BackendCase) -> None:
     backend = cache_backend.backend
     await backend.set(KEY, b"41", cache_backend.short_ttl)
     assert await backend.incr(KEY) == 42
-    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY))
+    await cache_backend.after_ttl(lambda: _is_gone(backend, KEY), key=KEY)
 
 
 # --- sets -------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ async def test_sadd_with_a_ttl_expires_the_whole_set(cache_backend: BackendCase)
     async def empty() -> bool:
         return await backend.smembers(index) == set()
 
-    await cache_backend.after_ttl(empty)
+    await cache_backend.after_ttl(empty, key=index)
 
 
 async def test_sadd_without_a_ttl_keeps_the_sets_ttl(cache_backend: BackendCase) -> None:
@@ -205,7 +205,7 @@ async def test_sadd_without_a_ttl_keeps_the_sets_ttl(cache_backend: BackendCase)
     async def empty() -> bool:
         return await backend.smembers(index) == set()
 
-    await cache_backend.after_ttl(empty)
+    await cache_backend.after_ttl(empty, key=index)
 
 
 # --- delete_matching --------------------------------------------------------------------------------

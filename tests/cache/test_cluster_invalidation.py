@@ -42,7 +42,9 @@ async def _instances(options: object, count: int = 2) -> AsyncIterator[list[Inst
     made: list[tuple[Instance, RedisBackend]] = []
     for index in range(count):
         topology = make_topology(options)  # type: ignore[arg-type]
-        backend = RedisBackend(topology.client, topology=topology, breaker=CircuitBreaker(clock=FakeClock()))
+        backend = RedisBackend(
+            topology.client, topology=topology, breaker=CircuitBreaker(clock=FakeClock()), timeout=2.0
+        )
         cache = TieredCache(backend, local=LocalCache(), instance_id=f"instance-{index}")
         listener = InvalidationListener(topology, cache, retry_seconds=0.05, max_retry_seconds=0.2)
         listener.start()
@@ -76,8 +78,13 @@ async def on_sentinel(redis_sentinels: LocalSentinelSet) -> AsyncIterator[list[I
 async def _invalidation_reaches(writer: Instance, reader: Instance) -> None:
     """`reader` holds a key in L1; `writer` invalidates it; `reader` drops it (deadline, no sleep)."""
     key = keys.personality(uuid.uuid4(), "friendly")
-    assert await reader.get(key, Loader(OLD)) == OLD
-    assert reader.cache.local.get(key) == OLD
+
+    async def held() -> bool:
+        # After a reconnect, both instances drop every cached namespace once (and tell the others
+        # to clear their L1): an entry may be dropped right after it was taken, so take it again.
+        return await reader.get(key, Loader(OLD)) == OLD and reader.cache.local.get(key) == OLD
+
+    await wait_for(held, timeout=10, what="the reader to hold the key in L1")
     await writer.cache.invalidate(key)
     await wait_for(lambda: reader.cache.local.get(key) is MISSING, timeout=10, what="the invalidation to arrive")
     assert await reader.get(key, Loader(NEW)) == NEW
@@ -94,6 +101,16 @@ async def test_an_invalidation_reaches_the_other_instance_on_a_cluster(
 
 async def test_an_invalidation_reaches_the_other_instance_behind_sentinel(on_sentinel: list[Instance]) -> None:
     await _invalidation_reaches(*on_sentinel)
+
+
+def _subscriptions(cluster: LocalCluster) -> int:
+    """How many connections are subscribed to the invalidation channel, over every node."""
+    total = 0
+    for node in cluster.nodes:
+        if node.running:
+            with node.client() as client:
+                total += int(client.execute_command("PUBSUB", "NUMSUB", keys.INVALIDATION_CHANNEL)[1])
+    return total
 
 
 def _subscribed_node(cluster: LocalCluster) -> list[int]:
@@ -156,6 +173,10 @@ async def test_the_listener_survives_a_node_restart_under_redis_py_auto_reconnec
                         client.client_kill_filter(_id=entry["id"])
                     except redis.RedisError:
                         pass
-    await wait_for(reader.listener.connected.is_set, timeout=30, what="the reader to be subscribed again")
-    await wait_for(lambda: bool(_subscribed_node(redis_cluster)), timeout=30, what="a subscription again")
+    # Both listeners' subscriptions are gone now; wait until both are back (whichever way: redis-py's
+    # own reconnect, or the listener's), and their L1s trusted again.
+    await wait_for(lambda: _subscriptions(redis_cluster) >= 2, timeout=30, what="both subscriptions back")
+    for instance in (reader, writer):
+        await wait_for(instance.listener.connected.is_set, timeout=30, what="the listener to be connected")
+        await wait_for(lambda i=instance: i.cache.local.enabled, timeout=30, what="L1 to be trusted again")
     await _invalidation_reaches(writer, reader)

@@ -135,7 +135,7 @@ async def test_results_expire_after_the_ttl(cache_backend: BackendCase) -> None:
     async def expired() -> bool:
         return await cache_backend.backend.get(key) is None
 
-    await cache_backend.after_ttl(expired)
+    await cache_backend.after_ttl(expired, key=key)
     await _search(cache, store)
     assert store.searches == 2
 

@@ -13,8 +13,8 @@ from companion.cache.backend import CacheUnavailable
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.memory import MemoryBackend
 from companion.cache.redis import RedisBackend, make_client
-from companion.errors import NotFound
-from companion.sessions.service import SessionService, parse_token
+from companion.errors import Conflict, NotFound
+from companion.sessions.service import RevocationDeferred, SessionService, parse_token
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
 
@@ -120,7 +120,7 @@ async def test_an_unused_session_expires(cache_backend: BackendCase) -> None:
     async def expired() -> bool:  # looks without authenticating, which would slide the expiry
         return await cache_backend.backend.get(keys.session(ALICE, info.id)) is None
 
-    await cache_backend.after_ttl(expired)
+    await cache_backend.after_ttl(expired, key=keys.session(ALICE, info.id))
     assert await sessions.authenticate(token) is None
     assert await sessions.list(ALICE) == []
 
@@ -229,3 +229,72 @@ async def test_without_a_fallback_an_unreachable_redis_is_reported(redis_server:
             await sessions.create(ALICE)
     finally:
         await backend.aclose()
+
+
+# --- sign-out during a Redis outage (issue 15, item 2) ---------------------------------------------
+
+
+async def test_a_sign_out_while_redis_is_down_says_so_is_refused_here_and_replayed_when_it_is_back(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    clock = FakeClock()
+    here = SessionService(
+        RedisBackend(make_client(redis_url), breaker=CircuitBreaker(clock=clock)),
+        fallback=MemoryBackend(),
+        ttl_seconds=TTL,
+    )
+    elsewhere = _redis_sessions(redis_url, MemoryBackend())  # another instance
+    try:
+        token, info = await here.create(ALICE)
+        assert await elsewhere.authenticate(token) == info
+        redis_server.stop(keep_data=True)  # Redis comes back with the session still in it
+        with pytest.raises(RevocationDeferred) as deferred:
+            await here.sign_out(token)
+        assert deferred.value.status_code == 503
+        assert here.pending_revocations == 1
+        assert await here.authenticate(token) is None  # refused here at once
+
+        redis_server.start()
+        clock.advance(60)  # the breaker lets a trial through again
+        await here.replay_pending()  # what the breaker's recovery and the channel's reconnect call
+        assert here.pending_revocations == 0
+        assert await elsewhere.authenticate(token) is None
+        assert await here.authenticate(token) is None
+        assert await here.list(ALICE) == []
+    finally:
+        await here._backend.aclose()  # type: ignore[attr-defined]
+        await elsewhere._backend.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_deferred_revocation_is_replayed_by_the_next_session_operation(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    clock = FakeClock()
+    here = SessionService(
+        RedisBackend(make_client(redis_url), breaker=CircuitBreaker(clock=clock)),
+        fallback=MemoryBackend(),
+        ttl_seconds=TTL,
+    )
+    try:
+        token, info = await here.create(ALICE)
+        _, kept = await here.create(ALICE)
+        redis_server.stop(keep_data=True)
+        with pytest.raises(RevocationDeferred):
+            await here.revoke(ALICE, info.id)
+        redis_server.start()
+        clock.advance(60)
+        assert [s.id for s in await here.list(ALICE)] == [kept.id]
+        assert await here.authenticate(token) is None
+        assert here.pending_revocations == 0
+    finally:
+        await here._backend.aclose()  # type: ignore[attr-defined]
+
+
+async def test_one_user_cannot_hold_more_than_the_session_cap(cache_backend: BackendCase) -> None:
+    sessions = _sessions(cache_backend, max_per_user=3)
+    for _ in range(3):
+        await sessions.create(ALICE)
+    with pytest.raises(Conflict) as refused:
+        await sessions.create(ALICE)
+    assert refused.value.code == "too_many_sessions"
+    await sessions.create(BOB)  # others are not affected

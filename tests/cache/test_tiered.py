@@ -202,7 +202,7 @@ async def test_a_miss_is_cached_for_miss_ttl_then_loaded_again(cache_backend: Ba
         return await cache_backend.backend.get(KEY) is None
 
     clock.advance(miss_ttl + 0.001)  # L1
-    await cache_backend.after_ttl(miss_expired_in_l2)
+    await cache_backend.after_ttl(miss_expired_in_l2, key=KEY)
     loader.value = OLD  # created meanwhile
     assert await get(cache, loader, miss_ttl=miss_ttl) == OLD
     assert loader.calls == 2

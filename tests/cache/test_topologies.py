@@ -57,7 +57,7 @@ def _scripts_in_companion() -> set[str]:
 async def cluster_backend(redis_cluster: LocalCluster) -> AsyncIterator[RedisBackend]:
     redis_cluster.flush()
     topology = make_topology(topology_options("cluster", cluster=redis_cluster))
-    backend = RedisBackend(topology.client, topology=topology)
+    backend = RedisBackend(topology.client, topology=topology, timeout=2.0)
     yield backend
     await backend.aclose()
 

@@ -164,15 +164,22 @@ def test_bad_and_unknown_user_ids_fail_cleanly(cli_env: Any):
 
 
 def test_show_and_reset_with_redis(cli_env: Any, redis_url: str):
-    cli_env(REDIS_ENABLED="true", REDIS_URL=redis_url)
+    # Limits whose requests come back slowly (one every 20 s and 30 s): the remaining counts below
+    # hold however long a loaded machine takes between spending them and showing them.
+    cli_env(
+        REDIS_ENABLED="true",
+        REDIS_URL=redis_url,
+        RATE_LIMIT_REQUESTS_PER_MINUTE="3",
+        RATE_LIMIT_ROUTE_OVERRIDES=json.dumps({CHAT_ROUTE: 2}),
+    )
     user_id = seed(spend=True)
     shown = invoke("show", str(user_id))
     assert shown.exit_code == 0, shown.output
     assert "memory" not in shown.stdout
     table = rows(shown.stdout)
-    assert table["user"][:2] == ["30/60s", "28"]
-    assert 0 < float(table["user"][2]) <= 4.0  # two requests: two 2 s emission intervals
-    assert table[CHAT_ROUTE][:2] == ["5/60s", "4"]
+    assert table["user"][:2] == ["3/60s", "1"]
+    assert 20.0 < float(table["user"][2]) <= 40.0  # two requests: two 20 s emission intervals
+    assert table[CHAT_ROUTE][:2] == ["2/60s", "1"]
     assert table["daily"][:3] == ["100", "15", "85"]
 
     reset = invoke("reset", str(user_id))
@@ -181,8 +188,8 @@ def test_show_and_reset_with_redis(cli_env: Any, redis_url: str):
     assert "recounted from stored usage: daily 15/100, monthly 15/1000 tokens." in reset.stdout
 
     after = rows(invoke("show", str(user_id)).stdout)
-    assert after["user"] == ["30/60s", "30", "0.0"]
-    assert after[CHAT_ROUTE] == ["5/60s", "5", "0.0"]
+    assert after["user"] == ["3/60s", "3", "0.0"]
+    assert after[CHAT_ROUTE] == ["2/60s", "2", "0.0"]
     assert after["daily"][:3] == ["100", "15", "85"]  # usage is stored: a reset does not forgive it
     raw = redis.Redis.from_url(redis_url)
     try:

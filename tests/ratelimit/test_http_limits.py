@@ -265,9 +265,12 @@ async def test_failed_authentications_per_address_are_limited(app: App, user: tu
             await anonymous.post("/v1/chat/completions", json={}), policy="auth-failures", limit=3,
             code="too_many_auth_failures",
         )  # fmt: skip
-        # A valid key from the same address still works: only failures are counted.
-        assert (await good.get("/v1/personalities")).status_code == 200
-    assert await app.metric("companion_ratelimit_limited_total", policy="auth-failures") == 2
+        # Over its limit, the address is refused before any key is looked up: a valid key too
+        # (issue 15: the limit blocks before it authenticates, so guessing costs no lookups).
+        assert_rate_limited(
+            await good.get("/v1/personalities"), policy="auth-failures", limit=3, code="too_many_auth_failures"
+        )
+    assert await app.metric("companion_ratelimit_limited_total", policy="auth-failures") == 3
     assert await app.metric("companion_ratelimit_allowed_total", policy="auth-failures") == 3
 
 
@@ -330,7 +333,7 @@ async def test_a_forged_forwarded_address_does_not_buy_a_fresh_budget(
 def test_client_ip_reads_forwarded_for_only_when_trusted(trusted: bool, header: str | None, expected: str):
     headers = [(b"x-forwarded-for", header.encode())] if header is not None else []
     scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "client": ("10.1.2.3", 5555)}
-    services = SimpleNamespace(settings=SimpleNamespace(trust_forwarded_for=trusted))
+    services = SimpleNamespace(settings=SimpleNamespace(trust_forwarded_for=trusted, trusted_proxies="10.0.0.0/8"))
     assert client_ip(Request(scope), services) == expected  # type: ignore[arg-type]
 
 

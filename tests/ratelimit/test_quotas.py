@@ -30,7 +30,8 @@ from tests.support.api import create_conversation, create_personality, running_s
 from tests.support.live import LiveServer
 from tests.support.redis_proc import RedisProcess
 
-QUOTA = 100  # tokens; a turn with the short personality below costs 36, 52, 68, ... (its history grows)
+QUOTA = 300  # tokens; a turn with the short personality below costs about 120, 140, ... (its history grows; every
+# prompt also carries a context block with the date, docs/memory.md)
 MAX_TURNS = 20
 
 

@@ -51,11 +51,16 @@ async def log(log_server: RedisProcess | str | None, request: pytest.FixtureRequ
             await on_topology.aclose()
         return
     server = log_server
-    backend = RedisBackend(make_client(server.url))
+    backend = loaded_machine_backend(server.url)
     try:
         yield RedisRunLog(backend, ttl_seconds=TTL, running_ttl_seconds=600, max_entries=1000, poll_seconds=0.01)
     finally:
         await backend.aclose()
+
+
+def loaded_machine_backend(url: str) -> RedisBackend:
+    """Generous timeouts: the shared test machine can stall any round trip for a while."""
+    return RedisBackend(make_client(url, socket_timeout_ms=5000, connect_timeout_ms=5000), timeout=5.0)
 
 
 def reply_events(*tokens: str, message_id: int = 7) -> list[RunEvent]:
@@ -142,7 +147,7 @@ async def test_a_stop_request_is_seen_by_the_writer(log: RunLog) -> None:
 
 
 async def test_the_redis_stream_is_batched_capped_and_expires_after_the_end(redis_server: RedisProcess) -> None:
-    backend = RedisBackend(make_client(redis_server.url))
+    backend = loaded_machine_backend(redis_server.url)
     try:
         log = RedisRunLog(backend, ttl_seconds=30, running_ttl_seconds=600, max_entries=100, poll_seconds=0.01)
         stream = keys.reply_events(11)

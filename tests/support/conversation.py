@@ -144,8 +144,8 @@ def turns_waiting(services: Services, conversation_id: str) -> int:
 @dataclass
 class MessageReads:
     """The SELECTs of message rows run on some instances' engines, each with the name of the asyncio
-    task that ran it, so that the background summarizer (tasks `summarize-<conversation>`) can be
-    told apart from the turns themselves."""
+    task that ran it, so that the background summarizer (tasks `summarize-<conversation>`) and the
+    reply sweeper can be told apart from the turns themselves."""
 
     statements: list[tuple[str, str]] = field(default_factory=list)
 

@@ -25,7 +25,7 @@ class _Server(uvicorn.Server):
 
 
 class LiveServer:
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, **options: Any) -> None:
         self.app = app
         # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets that say so.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -33,7 +33,13 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, lifespan="on", log_level="warning", ws="none", access_log=False)
+        # As `companion serve` runs it: uvicorn never rewrites the client address from headers
+        # (companion/cli/main.py:server_options); `options` may override.
+        config = uvicorn.Config(
+            app,
+            **{"lifespan": "on", "log_level": "warning", "ws": "none", "access_log": False, "proxy_headers": False}
+            | options,
+        )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 

@@ -15,6 +15,7 @@ port + 10000.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import signal
 import socket
@@ -94,8 +95,8 @@ class NodeProcess:
             "host": HOST,
             "port": self.port,
             "password": self.password,
-            "socket_timeout": 2.0,
-            "socket_connect_timeout": 2.0,
+            "socket_timeout": 5.0,
+            "socket_connect_timeout": 5.0,
             "decode_responses": True,
         }
         options.update(overrides)
@@ -471,9 +472,13 @@ def topology_options(
     "sentinel", built the way the app builds them (companion.cache.topology)."""
     from companion.cache.topology import RedisOptions, parse_sentinels
 
+    # Generous timeouts: these topologies run many processes on a busy two-core machine, and the
+    # suites using them test what the operations do, not how fast (the failover tests build their
+    # own settings with the defaults).
+    timeouts = {"socket_timeout_ms": 2000, "connect_timeout_ms": 2000}
     if kind == "cluster":
         assert cluster is not None
-        return RedisOptions(url=cluster.url, mode="cluster")
+        return RedisOptions(url=cluster.url, mode="cluster", **timeouts)
     if kind == "sentinel":
         assert sentinels is not None
         return RedisOptions(
@@ -481,12 +486,18 @@ def topology_options(
             mode="sentinel",
             sentinels=parse_sentinels(sentinels.sentinel_addresses),
             sentinel_master=sentinels.master_name,
+            **timeouts,
         )
     assert url is not None
-    return RedisOptions(url=url, mode="standalone")
+    return RedisOptions(url=url, mode="standalone", **timeouts)
 
 
 TOPOLOGIES = ("cluster", "sentinel")
+
+
+# The contract suites test what each command does, not how fast: on a loaded two-core machine a
+# connect or a reply can wait longer than the service's 250 ms for this process to be scheduled.
+CONTRACT_TIMEOUT_MS = 3_000
 
 
 def prepared_topology(kind: str, request: Any) -> Any:
@@ -497,10 +508,14 @@ def prepared_topology(kind: str, request: Any) -> Any:
     if kind == "cluster":
         cluster: LocalCluster = request.getfixturevalue("redis_cluster")
         cluster.flush()
-        return make_topology(topology_options("cluster", cluster=cluster))
-    sentinels: LocalSentinelSet = request.getfixturevalue("redis_sentinels")
-    sentinels.flush()
-    return make_topology(topology_options("sentinel", sentinels=sentinels))
+        options = topology_options("cluster", cluster=cluster)
+    else:
+        sentinels: LocalSentinelSet = request.getfixturevalue("redis_sentinels")
+        sentinels.flush()
+        options = topology_options("sentinel", sentinels=sentinels)
+    return make_topology(
+        dataclasses.replace(options, socket_timeout_ms=CONTRACT_TIMEOUT_MS, connect_timeout_ms=CONTRACT_TIMEOUT_MS)
+    )
 
 
 def backend_on(kind: str, request: Any, **backend_options: Any) -> Any:
@@ -508,4 +523,5 @@ def backend_on(kind: str, request: Any, **backend_options: Any) -> Any:
     from companion.cache.redis import RedisBackend
 
     topology = prepared_topology(kind, request)
+    backend_options.setdefault("timeout", CONTRACT_TIMEOUT_MS / 1000)
     return RedisBackend(topology.client, topology=topology, **backend_options)

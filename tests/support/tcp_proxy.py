@@ -1,6 +1,10 @@
 """A tiny TCP proxy for simulating a database outage: `stop()` closes the listener and cuts every
 open connection at once (as a crashed or unreachable server would), `start()` listens again on the
-same port, so that clients configured with the proxy's address can come back by themselves."""
+same port, so that clients configured with the proxy's address can come back by themselves.
+
+`stall()` simulates a server that is up but too slow: connections stay open and new ones are
+accepted, but no byte moves in either direction until `resume()`, which delivers what was held, late
+(as a server that was busy would still run the commands it had received)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.WriteTransport] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def running(self) -> bool:
@@ -28,13 +34,26 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
+    def stall(self) -> None:
+        """Hold every byte, both ways, on open and new connections, until `resume()`."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def stop(self) -> None:
-        """Refuse new connections and reset every open one; returns when all are gone."""
+        """Refuse new connections and reset every open one; returns when all are gone (a stall
+        ends too: what it held goes nowhere)."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
         for transport in list(self._transports):
             transport.abort()
+        self._flowing.set()
         if server is not None:
             await server.wait_closed()
         if self._handlers:
@@ -65,11 +84,11 @@ class TcpProxy:
             self._transports.discard(client_writer.transport)
             self._handlers.discard(task)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Copy one direction until EOF or an error, then cut the other side too."""
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
