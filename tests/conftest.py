@@ -9,7 +9,7 @@ import concurrent.futures
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +99,8 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A private 6-node Redis Cluster: 3 primaries, 3 replicas."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster = _started(lambda: LocalCluster(tmp_path_factory.mktemp("redis-cluster")))
     try:
-        cluster.start()
         yield cluster
     finally:
         cluster.cleanup()
@@ -110,12 +109,26 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 @pytest.fixture(scope="session")
 def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinelSet]:
     """A private Sentinel set: 1 primary, 1 replica, 3 sentinels."""
-    sentinels = LocalSentinelSet(tmp_path_factory.mktemp("redis-sentinel"))
+    sentinels = _started(lambda: LocalSentinelSet(tmp_path_factory.mktemp("redis-sentinel")))
     try:
-        sentinels.start()
         yield sentinels
     finally:
         sentinels.cleanup()
+
+
+def _started(make: Callable[[], Any], attempts: int = 3) -> Any:
+    """Start a set of redis-server processes on free ports, on new ports again if another process
+    took one of them between our check and the server's bind (other test runs share the machine)."""
+    for attempt in range(attempts):
+        topology = make()
+        try:
+            topology.start()
+            return topology
+        except RuntimeError as error:
+            topology.cleanup()
+            if "Address already in use" not in str(error) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def make_settings(database_url: str, tmp_path: Path, **overrides: object) -> Settings:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
+from companion.llm.context import split_context
 from companion.llm.scripted import ScriptedProvider
 from companion.services import Services
 from companion.storage.models import Message
@@ -179,6 +180,10 @@ async def test_prompt_holds_only_the_last_short_term_memory_messages(
                 expected = [(m["role"], m["content"]) for m in stored[:-1][-4:]]
                 prompt = provider.prompts[-1]
                 assert prompt[0].role == "system"
-                assert [(m.role, m.content) for m in prompt[1:]] == expected
-                assert prompt[-1].role == "user" and prompt[-1].content == f"turn {n}"
+                # The newest message may open with the service's context block (the date, the running
+                # summary of what fell out of the window: docs/memory.md); the rest is what was said.
+                said = [(m.role, split_context(m.content)[1]) for m in prompt[1:]]
+                assert said == expected
+                assert all(split_context(m.content)[0] == "" for m in prompt[1:-1])
+                assert prompt[-1].role == "user" and said[-1][1] == f"turn {n}"
             assert len(provider.prompts[-1]) == 1 + 4

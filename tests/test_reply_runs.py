@@ -460,3 +460,28 @@ async def test_a_resume_of_a_dead_servers_reply_gets_the_text_saved_after_its_la
         assert events[-1].payload()["content"] == "One two three"
     finally:
         await services.aclose()
+
+
+async def test_a_resume_from_the_start_of_a_reply_whose_stream_holds_only_its_end(
+    database_url: str, tmp_path: Path, redis_server: RedisProcess
+):
+    """A server that died before writing any event of a reply to Redis: the sweeper's end is all
+    its stream holds. A client that has nothing (no Last-Event-ID) still gets the whole saved text."""
+    settings = make_settings(database_url, tmp_path, redis_enabled=True, redis_url=redis_server.url)
+    clock = FakeClock()
+    services = Services.build(settings, provider=ScriptedProvider(), clock=clock)
+    await services.start()
+    try:
+        user = await services.users.create("alice")
+        conversation = await services.conversations.create(user.id, "elara")
+        await services.conversations.add_message(conversation.id, "user", "Hello?")
+        reply = await services.conversations.add_message(conversation.id, "assistant", "Saved text", status="streaming")
+        clock.now += timedelta(seconds=settings.reply_stale_seconds + 1)
+        assert await services.runs.sweep() == 1
+        message = await services.runs.resume(user.id, conversation.id, reply.id)
+        async with asyncio.timeout(DEADLINE):
+            events = await _collect(services.runs.follow(message, -1))
+        assert "".join(e.text for e in events if e.kind == "token") == "Saved text"
+        assert events[-1].kind == "error" and events[-1].payload()["error"]["code"] == "reply_interrupted"
+    finally:
+        await services.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Match
@@ -68,6 +69,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, PoolTimeout):
+            # A pooled connection did not come free in time outside Database.session: busy, not down.
+            busy = Overloaded("The server is busy right now; retry in a moment.", retry_after=1)
+            return _json(503, busy.to_body(), {"Retry-After": str(busy.retry_after)})
         if isinstance(error, UNAVAILABLE_ERRORS):
             unavailable = ServiceUnavailable("The database is unavailable right now; retry in a few seconds.")
             return _json(503, unavailable.to_body(), {"Retry-After": "5"})

@@ -312,8 +312,9 @@ class ReplyRuns:
         async for event in self._follow_sources(message, offset):
             if event.terminal:
                 content = (event.data or {}).get("content")
-                if isinstance(content, str) and len(content) > offset:
-                    yield RunEvent("token", offset, content[offset:])
+                start = max(offset, 0)  # -1: a client that has nothing yet (not a slice from the end)
+                if isinstance(content, str) and len(content) > start:
+                    yield RunEvent("token", start, content[start:])
                 yield event
                 return
             offset = max(offset, event.end)

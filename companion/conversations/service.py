@@ -277,22 +277,10 @@ class ConversationService:
     async def get_reply(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
         """An assistant message of one of the user's conversations; NotFound otherwise (another
         user's reply is indistinguishable from one that does not exist)."""
-        async with self._db.session() as session:
-            row = (
-                await session.execute(
-                    select(Message)
-                    .join(Conversation, Conversation.id == Message.conversation_id)
-                    .where(
-                        Message.id == message_id,
-                        Message.conversation_id == conversation_id,
-                        Message.role == "assistant",
-                        Conversation.user_id == user_id,
-                    )
-                )
-            ).scalar_one_or_none()
-        if row is None:
+        message = await self.owned_message(user_id, conversation_id, message_id)
+        if message.role != "assistant":
             raise NotFound("No such reply in this conversation.", code="message_not_found")
-        return _message_out(row)
+        return message
 
     async def message(self, message_id: int) -> MessageOut | None:
         async with self._db.session() as session:

@@ -97,16 +97,20 @@ def test_delete_one_memory_then_forget_everything(page: Page, api_key: str, api:
     start_chat(page, "Elara")
     send(page, "My name is Ana.")
     expect(page.locator("#messages li.assistant").last).to_have_attribute("data-status", "complete")
-    # Memories are extracted in the background after the exchange.
-    wait_until(lambda: api.get("/v1/memories").json()["data"], what="the memory of Ana's name")
+    # Remembered in the background after the exchange: the episode (what was said), then the fact.
+    wait_until(
+        lambda: {m["kind"] for m in api.get("/v1/memories").json()["data"]} == {"episode", "name"},
+        what="the memory of Ana's name",
+    )
     response = api.post("/v1/memories", json={"text": "I like green tea."})
     assert response.status_code == 201, response.text
     memories = api.get("/v1/memories").json()["data"]
-    name_memory = next(m for m in memories if "Ana" in m["text"])
+    # Deleting the episode forgets the fact drawn from it too.
+    name_memory = next(m for m in memories if "Ana" in m["text"] and m["kind"] == "episode")
 
     page.get_by_role("button", name="Memories").click()
     items = page.locator("#memory-list li")
-    expect(items).to_have_count(2)
+    expect(items).to_have_count(3)
     expect(page.locator(f'#memory-list li[data-id="{name_memory["id"]}"]')).to_contain_text(name_memory["text"])
 
     page.locator(f'#memory-list li[data-id="{name_memory["id"]}"]').get_by_role("button").click()

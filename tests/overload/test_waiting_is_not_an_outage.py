@@ -139,3 +139,23 @@ def test_the_pool_wait_must_outlast_the_connect_timeout(tmp_path: Path) -> None:
             database_connect_timeout_seconds=5,
             database_pool_timeout_seconds=5,
         )
+
+
+async def test_a_pool_timeout_raised_anywhere_is_answered_overloaded() -> None:
+    from fastapi import FastAPI
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from companion.api.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise PoolTimeout("QueuePool limit of size 10 overflow 10 reached")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        answer = await http.get("/busy")
+    assert_error(answer, 503, "overloaded")
+    assert answer.headers["retry-after"] == "1"

@@ -896,7 +896,7 @@ async function loadMemories() {
       el("li", { className: "memory", attrs: { "data-id": m.id } }, [
         el("div", {}, [
           el("p", { className: "memory-text", text: m.text }),
-          el("p", { className: "memory-meta", text: `${m.kind} · ${when(m.updated_at)}` }),
+          el("p", { className: "memory-meta", text: `${m.kind === "episode" ? "you said" : m.kind} · ${when(m.said_at || m.updated_at)}` }),
         ]),
         button("Delete", guarded(() => deleteMemory(m)), "ghost small danger-text", { "aria-label": `Delete memory: ${m.text}` }),
       ]),
