@@ -15,14 +15,18 @@ from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
 from companion.errors import Conflict
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import backend_on
+from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, backend_on
 
 
 @pytest.fixture
 async def backends(buffer_redis: RedisServer) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
     """Two clients on one Redis, as two service instances would have."""
     buffer_redis.start()
-    first, second = RedisBackend(make_client(buffer_redis.url)), RedisBackend(make_client(buffer_redis.url))
+    # Generous operation timeouts, as the topology fixtures have: on a loaded machine a 250 ms one
+    # can run out, and a lock whose Redis call fails falls back to its instance's own lock, which
+    # the other instance cannot see (right in an outage; here it would only be the test's load).
+    first = RedisBackend(make_client(buffer_redis.url), timeout=CONTRACT_TIMEOUT_MS / 1000)
+    second = RedisBackend(make_client(buffer_redis.url), timeout=CONTRACT_TIMEOUT_MS / 1000)
     yield first, second
     await first.aclose()
     await second.aclose()
