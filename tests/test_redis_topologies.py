@@ -168,11 +168,19 @@ async def test_a_limit_admits_exactly_the_limit_over_two_instances(
             httpx.AsyncClient(base_url=servers[0].base_url, headers=headers, limits=pool, timeout=30) as ca,
             httpx.AsyncClient(base_url=servers[1].base_url, headers=headers, limits=pool, timeout=30) as cb,
         ):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             responses = await asyncio.gather(
                 *((ca if index % 2 else cb).get("/v1/personalities") for index in range(REQUESTS))
             )
+            elapsed = loop.time() - started
         statuses = Counter(r.status_code for r in responses)
-        assert statuses == {200: LIMIT, 429: REQUESTS - LIMIT}, statuses
+        # GCRA gives one request back per emission interval (60 s / LIMIT): a burst decided within
+        # one interval admits exactly LIMIT; one that took longer (a cluster still settling after an
+        # earlier test restarted a node) may rightly admit one more per interval, never more.
+        given_back = int(elapsed // (60 / LIMIT))
+        assert statuses[200] + statuses[429] == REQUESTS, statuses
+        assert LIMIT <= statuses[200] <= LIMIT + given_back, (statuses, f"{elapsed:.2f} s")
         assert sum(each.rate_limits.counts.fallbacks for each in services) == 0
 
 
