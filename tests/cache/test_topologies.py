@@ -9,6 +9,7 @@ import ast
 import asyncio
 import dataclasses
 import hashlib
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -207,14 +208,15 @@ def test_parse_sentinels() -> None:
 
 
 def test_sentinel_mode_takes_password_database_and_tls_from_redis_url() -> None:
+    password = secrets.token_hex(8)  # made at run time: no credential-shaped URL in the repository
     options = RedisOptions(
-        url="rediss://app:s3cret@ignored.example:1/2?ssl_ca_certs=/etc/ca.pem",
+        url=f"rediss://app:{password}@ignored.example:1/2?ssl_ca_certs=/etc/ca.pem",
         mode="sentinel",
         sentinels=(("127.0.0.1", 26379),),
     )
     primary, sentinels = sentinel_connection_kwargs(options)
     assert "host" not in primary and "port" not in primary
-    assert (primary["username"], primary["password"], primary["db"], primary["ssl"]) == ("app", "s3cret", 2, True)
+    assert (primary["username"], primary["password"], primary["db"], primary["ssl"]) == ("app", password, 2, True)
     assert primary["ssl_ca_certs"] == "/etc/ca.pem"
     # The sentinels get the TLS options, and only their own password.
     assert sentinels["ssl"] is True and sentinels["ssl_ca_certs"] == "/etc/ca.pem"
