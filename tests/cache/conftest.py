@@ -13,7 +13,7 @@ from companion.cache.memory import MemoryBackend
 from companion.cache.redis import RedisBackend, make_client
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import TOPOLOGIES, backend_on, prepared_topology
+from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, TOPOLOGIES, backend_on, prepared_topology
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +77,9 @@ async def cache_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend
     server: RedisServer = request.getfixturevalue("redis_server")
     url: str = request.getfixturevalue("redis_url")
     raw = make_client(url)
-    backend = RedisBackend(make_client(url), breaker=CircuitBreaker(clock=FakeClock()))
+    backend = RedisBackend(
+        make_client(url), breaker=CircuitBreaker(clock=FakeClock()), timeout=CONTRACT_TIMEOUT_MS / 1000
+    )
     try:
         yield BackendCase(backend, redis=raw, server=server)
     finally:
