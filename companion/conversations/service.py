@@ -18,6 +18,7 @@ from companion.errors import Conflict, InvalidInput, NotFound
 from companion.interchange.chats import ExportedConversation
 from companion.storage.database import Database
 from companion.storage.models import Conversation, Message, User
+from companion.storage.user_lock import lock_user
 from companion.types import Clock, utcnow
 
 
@@ -103,6 +104,7 @@ class ConversationService:
             updated_at=now,
         )
         async with self._db.session() as session:
+            await lock_user(session, user_id)  # the count below holds until this one is in
             held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
             if held >= self.max_per_user:
                 raise Conflict(
@@ -438,6 +440,7 @@ class ConversationService:
         """Store conversations read from a file, all or (on any error) none. Raises Conflict (409
         `too_many_conversations`) when they would take the user past CONVERSATIONS_MAX_PER_USER."""
         async with self._db.session() as session:
+            await lock_user(session, user_id)  # the count below holds until this one is in
             held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
             if held + len(conversations) > self.max_per_user:
                 raise Conflict(
