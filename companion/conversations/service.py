@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, func, select, update
@@ -48,6 +49,16 @@ def _message_out(row: Message) -> MessageOut:
 
 class AtHead:
     """The default parent of a new message: the end of the conversation's active path."""
+
+
+@dataclass(frozen=True)
+class ConversationState:
+    """What a turn changes on its conversation before its reply (head, activity time, title): what
+    `withdraw` puts back when the turn is refused after it began."""
+
+    head_id: int | None
+    updated_at: datetime
+    title: str | None
 
 
 HEAD = AtHead()
@@ -191,11 +202,12 @@ class ConversationService:
 
     async def add_turn_message(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID, content: str, *, parent_id: int | AtHead | None = HEAD
-    ) -> tuple[MessageOut, datetime | None, int]:
+    ) -> tuple[MessageOut, datetime | None, int, ConversationState]:
         """Store the user's message that starts a turn, after `parent_id` (by default the end of the
         active path; an edit gives the edited message's parent), in one transaction that also reads
         what the turn needs: the time of the message it follows (the stamp the buffer must end with;
-        None when it follows nothing) and the user's memory generation.
+        None when it follows nothing), the user's memory generation, and the conversation as it was
+        (for `withdraw`).
         An untitled conversation takes its title from the message. Raises NotFound if the
         conversation is gone or is not the user's."""
         now = self._clock()
@@ -237,7 +249,22 @@ class ConversationService:
                 await session.execute(
                     update(Conversation).where(Conversation.id == conversation_id).values(title=title_from(content))
                 )
-        return _message_out(row), previous_at, int(found.memory_generation)
+        before = ConversationState(found.head_id, found.updated_at, found.title)
+        return _message_out(row), previous_at, int(found.memory_generation), before
+
+    async def withdraw(self, conversation_id: uuid.UUID, before: ConversationState, message_id: int | None) -> None:
+        """Undo a turn refused after it began (its quota had no room for its prompt): delete the user
+        message it stored (`message_id`; None when it stored none) and put the conversation's head,
+        activity time and title back as they were. Call while holding the conversation's turn."""
+        restore: dict[str, object] = {"head_id": before.head_id, "updated_at": before.updated_at}
+        if before.title is None:  # the turn's message titled it
+            restore["title"] = None
+        async with self._db.session() as session:
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**restore))
+            if message_id is not None:
+                await session.execute(
+                    delete(Message).where(Message.id == message_id, Message.conversation_id == conversation_id)
+                )
 
     async def update_message(
         self,
@@ -405,10 +432,13 @@ class ConversationService:
             await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(head_id=head))
         return head
 
-    async def rewind(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
+    async def rewind(
+        self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int
+    ) -> tuple[MessageOut, ConversationState]:
         """Make the user message `message_id` (or the one a reply `message_id` answers) the end of the
         active path, so that a new reply to it becomes an alternative to the ones it has. Returns
-        that user message. Raises NotFound, InvalidInput."""
+        that user message and the conversation as it was (for `withdraw`). Raises NotFound,
+        InvalidInput."""
         found = await self.owned_message(user_id, conversation_id, message_id)
         if found.role == "assistant" and found.parent_id is not None:
             found = await self.owned_message(user_id, conversation_id, found.parent_id)
@@ -419,10 +449,17 @@ class ConversationService:
                 param="message_id",
             )
         async with self._db.session() as session:
+            was = (
+                await session.execute(
+                    select(Conversation.head_id, Conversation.updated_at, Conversation.title).where(
+                        Conversation.id == conversation_id
+                    )
+                )
+            ).one()
             await session.execute(
                 update(Conversation).where(Conversation.id == conversation_id).values(head_id=found.id)
             )
-        return found
+        return found, ConversationState(was.head_id, was.updated_at, was.title)
 
     async def export(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID | None = None
