@@ -353,7 +353,9 @@ class ChatService:
                 with anyio.CancelScope(shield=True):
                     try:
                         await self._conversations.withdraw(turn.conversation.id, before, withdraw)
-                        await self._context.rebuild(turn.conversation.id)  # the buffer held the message
+                        # The buffer held the message, and an edit or a regenerate moved the
+                        # summary to its path: both follow the restored path again.
+                        await self._context.rebuild(turn.conversation.id)
                     except CompanionError:
                         logger.warning("could not withdraw a turn refused by its token quota", exc_info=True)
                     finally:

@@ -16,6 +16,8 @@ from companion.chat.service import TokenEvent
 from companion.llm.base import estimate_tokens
 from companion.llm.scripted import ScriptedProvider, ScriptedReply
 from companion.ratelimit.policy import RateLimited
+from companion.storage.models import ConversationSummary
+from companion.types import utcnow
 from tests.ratelimit.test_quotas import (
     QUOTA,
     QuotaApp,
@@ -173,6 +175,17 @@ async def test_a_turn_refused_once_its_prompt_is_counted_leaves_nothing_behind(
         conversations = [uuid.UUID(counted["id"]), uuid.UUID(untitled["id"])]
         before = [await app.services.conversations.get(app.user_id, c) for c in conversations]
         paths = [await app.services.conversations.active_path(c) for c in conversations]
+        # A running summary of the first exchange: an edit of the first message starts a path it
+        # does not cover, so the edit made the newest summary an empty one; withdrawn, it is back.
+        async with app.services.database.session() as session:
+            session.add(
+                ConversationSummary(
+                    conversation_id=conversations[0],
+                    upto_message_id=paths[0][1].id,
+                    content="SUMMARY-MARK",
+                    created_at=utcnow(),
+                )
+            )
 
         async def whole_trees() -> list[list[tuple[int, str]]]:
             trees = []
@@ -201,5 +214,5 @@ async def test_a_turn_refused_once_its_prompt_is_counted_leaves_nothing_behind(
         await app.services.quotas.adjust(app.user_id, -QUOTA)
         assert (await app.post(counted["id"], "after")).status_code == 200
         prompt = " ".join(m.content for m in _provider(app).prompts[-1])
-        assert "after" in prompt and "withdrawn" not in prompt
+        assert "after" in prompt and "SUMMARY-MARK" in prompt and "withdrawn" not in prompt
         assert len(await app.services.conversations.active_path(conversations[0])) == len(paths[0]) + 2
