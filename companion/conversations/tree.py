@@ -19,9 +19,19 @@ from sqlalchemy.orm import aliased
 from companion.storage.models import Message
 
 
-def path_select(head_id: int | None, *, limit: int | None = None) -> Select[Any]:
+def path_select(
+    head_id: int | ColumnElement[Any] | None,
+    *,
+    limit: int | None = None,
+    down_to: int | ColumnElement[Any] | None = None,
+) -> Select[Any]:
     """A query for the ids of the path ending at `head_id` (its newest `limit` when given), for
-    use as a subquery: `Message.id.in_(path_select(head))`."""
+    use as a subquery: `Message.id.in_(path_select(head))`. `head_id` may be a scalar subquery
+    (the conversation's `head_id`), which saves reading it first, and `head_id` and `down_to` may be
+    bound parameters, for a statement built once (building a recursive query costs more than
+    running it). With `down_to`, the walk stops at
+    the first message whose id is at most `down_to` (that message included): ids grow along a path,
+    so what lies beyond it is older, and a caller that only needs the newer part never reads it."""
     start = select(Message.id, Message.parent_id, literal(1).label("depth")).where(Message.id == head_id)
     path = start.cte("path", recursive=True)
     parent = aliased(Message)
@@ -30,6 +40,8 @@ def path_select(head_id: int | None, *, limit: int | None = None) -> Select[Any]
     )
     if limit is not None:
         step = step.where(path.c.depth < limit)
+    if down_to is not None:
+        step = step.where(path.c.id > down_to)
     path = path.union_all(step)
     return select(path.c.id)
 
