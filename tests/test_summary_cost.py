@@ -68,3 +68,32 @@ async def test_a_summary_check_reads_only_the_path_newer_than_the_last_summary(
     assert "Turn 1000" not in written.content  # still in the window
     assert walked and max(walked) <= WINDOW + BATCH + 3, walked
     assert await summarizer.summarize(conversation.id) is None  # nothing more to fold in
+
+
+async def test_walking_a_path_looks_up_one_message_per_step_and_never_scans_the_table(services: Services) -> None:
+    """Before any statistics exist (a new or small table), a join in the recursive step let
+    PostgreSQL hash the whole messages table at every step of the walk: the table's size times the
+    path's length, after every turn. Each step must be a primary-key lookup, on both databases."""
+    from sqlalchemy import select, text
+
+    from companion.conversations import tree
+    from companion.storage.models import Conversation
+
+    user = await services.users.create("walker")
+    conversation = await services.conversations.create(user.id, "elara")
+    for turn in range(100):
+        await add_pair(services, user.id, conversation.id, turn)
+    async with services.database.session() as session:
+        head_id = (
+            await session.execute(select(Conversation.head_id).where(Conversation.id == conversation.id))
+        ).scalar_one()
+        query = tree.path_select(head_id, down_to=0)
+        compiled = query.compile(dialect=services.database.engine.dialect, compile_kwargs={"literal_binds": True})
+        if services.database.dialect == "sqlite":
+            plan = "\n".join(str(row[-1]) for row in (await session.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))).all())
+            assert "SEARCH" in plan and "SCAN messages" not in plan, plan
+        else:
+            plan = "\n".join(row[0] for row in (await session.execute(text(f"EXPLAIN {compiled}"))).all())
+            assert "Index Scan using messages_pkey" in plan and "Seq Scan on messages" not in plan, plan
+        ids = await tree.path_ids(session, head_id)
+    assert len(ids) == 200 and ids == sorted(ids)

@@ -35,8 +35,12 @@ def path_select(
     start = select(Message.id, Message.parent_id, literal(1).label("depth")).where(Message.id == head_id)
     path = start.cte("path", recursive=True)
     parent = aliased(Message)
-    step = select(parent.id, parent.parent_id, (path.c.depth + 1).label("depth")).join(
-        path, parent.id == path.c.parent_id
+    # Each step is one primary-key lookup, as a correlated scalar subquery: a join here lets the
+    # planner hash the whole table at every step when its statistics make that look cheap (a new
+    # or small table), which costs the table's size times the path's length.
+    grandparent = select(parent.parent_id).where(parent.id == path.c.parent_id).scalar_subquery()
+    step = select(path.c.parent_id, grandparent, (path.c.depth + 1).label("depth")).where(
+        path.c.parent_id.is_not(None)
     )
     if limit is not None:
         step = step.where(path.c.depth < limit)
