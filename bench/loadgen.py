@@ -10,9 +10,12 @@ time to the first response byte, to the first `event: token` of the SSE reply (t
 chunk) and to the end of the reply. A 503 `overloaded` answer is counted as shed; with
 `retry_after` the stream then waits as its Retry-After header says, as a well-behaved client does.
 It writes JSON on stdout: {"ttfb_ns", "ttft_ns", "total_ns", "errors", "shed", "outcomes",
-"elapsed"}, for requests that started after the warm-up and before the end of the measured window;
-`errors` counts every answer but a reply (shed ones included), `outcomes` each kind of answer
-("200", "503 overloaded", "503 database_unavailable", "connection", ...).
+"elapsed", "completed", "window"}, for requests that started after the warm-up and before the end of
+the measured window; `errors` counts every answer but a reply (shed ones included), `outcomes` each
+kind of answer ("200", "503 overloaded", "503 database_unavailable", "connection", ...). `elapsed`
+runs to the end of the last reply, so it includes the drain of whatever was in flight (or queued) when
+the window closed; `completed` counts the replies that ended inside the window, `window` is its length:
+completed / window is the throughput without that drain, which grows with the queue.
 """
 
 from __future__ import annotations
@@ -111,12 +114,13 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     ttft: list[int] = []
     total: list[int] = []
     errors = 0
+    completed = 0
     outcomes: Counter[str] = Counter()
     honor_retry_after = bool(job.get("retry_after", True))
     request_timeout = float(job.get("request_timeout", 60.0))
 
     async def drive(index: int, stream: Stream) -> None:
-        nonlocal errors
+        nonlocal errors, completed
         number = 0
         while (now := loop.time()) < stop_at:
             number += 1
@@ -145,6 +149,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
                 await stream.close()
                 await stream.connect()
                 continue
+            if measure_from <= loop.time() <= stop_at:
+                completed += 1
             if now >= measure_from:
                 outcomes["200"] += 1
                 ttfb.append(first_byte)
@@ -163,6 +169,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         "shed": outcomes["503 overloaded"],
         "outcomes": dict(outcomes),
         "elapsed": loop.time() - measure_from,
+        "completed": completed,
+        "window": stop_at - measure_from,
     }
 
 
