@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -42,10 +41,9 @@ CONCURRENCY = (1, 10, 100)
 class Server:
     """`uvicorn --factory companion.app:create_app_from_env` in a subprocess."""
 
-    def __init__(self, environment: dict[str, str], *, workers: int, cwd: Path, cpus: set[int] | None = None) -> None:
+    def __init__(self, environment: dict[str, str], *, workers: int, cwd: Path) -> None:
         self.port = free_port()
         self.workers = workers
-        self.cpus = cpus  # pin the server (and the workers it forks) to these CPUs
         self.environment = environment
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
@@ -77,9 +75,6 @@ class Server:
             self.process = subprocess.Popen(
                 argv, env=self.environment, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
-        if self.cpus:
-            # Right after the spawn, long before uvicorn starts threads or forks workers: they inherit it.
-            os.sched_setaffinity(self.process.pid, self.cpus)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         async with httpx.AsyncClient(timeout=2) as client:
@@ -138,6 +133,7 @@ async def chat_load(
         "duration": duration,
         "retry_after": retry_after,
         "streams": [{"key": t.key, "conversation": t.conversation} for t in targets],
+        "server_pid": server.process.pid if server.process is not None and server.workers == 1 else None,
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -3,7 +3,7 @@ shares a CPU budget or an event loop with the server it measures.
 
 It reads a JSON job on stdin: {"host", "port", "streams": [{"key", "conversation"}, ...],
 "warmup": seconds, "duration": seconds, "retry_after": bool (default true), "request_timeout": seconds
-(default 60)}. Each stream is one keep-alive HTTP/1.1
+(default 60), "server_pid": optional}. Each stream is one keep-alive HTTP/1.1
 connection sending chat messages back to back into its own conversation (turns in one conversation
 are serialized by the service, so concurrent streams need their own). Per request it records the
 time to the first response byte, to the first `event: token` of the SSE reply (the first streamed
@@ -15,19 +15,33 @@ the measured window; `errors` counts every answer but a reply (shed ones include
 kind of answer ("200", "503 overloaded", "503 database_unavailable", "connection", ...). `elapsed`
 runs to the end of the last reply, so it includes the drain of whatever was in flight (or queued) when
 the window closed; `completed` counts the replies that ended inside the window, `window` is its length:
-completed / window is the throughput without that drain, which grows with the queue.
+completed / window is the throughput without that drain, which grows with the queue. With
+`server_pid`, "server_cpu" is the CPU time (user + system, seconds) that process used over the window:
+what a reply costs the server, whatever else the machine was doing; "loadgen_cpu" is this process's own
+over the window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
 from typing import Any
 
 TOKEN = b"event: token"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc); None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 class Refused(Exception):
@@ -117,6 +131,14 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     completed = 0
     outcomes: Counter[str] = Counter()
     honor_retry_after = bool(job.get("retry_after", True))
+    server_pid = job.get("server_pid")
+    cpu: list[float | None] = []
+    if server_pid is not None:
+        for at in (measure_from, stop_at):
+            loop.call_at(at, lambda: cpu.append(cpu_seconds(int(server_pid))))
+    own: list[float] = []
+    for at in (measure_from, stop_at):
+        loop.call_at(at, lambda: own.append(time.process_time()))
     request_timeout = float(job.get("request_timeout", 60.0))
 
     async def drive(index: int, stream: Stream) -> None:
@@ -161,6 +183,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         await asyncio.gather(*(drive(i, s) for i, s in enumerate(streams)))
     finally:
         await asyncio.gather(*(s.close() for s in streams))
+    start, end = [*cpu, None, None][:2]
+    server_cpu = end - start if start is not None and end is not None else None
     return {
         "ttfb_ns": ttfb,
         "ttft_ns": ttft,
@@ -171,6 +195,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         "elapsed": loop.time() - measure_from,
         "completed": completed,
         "window": stop_at - measure_from,
+        "server_cpu": server_cpu,
+        "loadgen_cpu": own[1] - own[0] if len(own) == 2 else None,
     }
 
 

@@ -15,9 +15,10 @@ saturates it, to show that it degrades on purpose: it refuses what it cannot ser
 - a level's replies/s is the median over the rounds; the 10x goal is judged on the median of the
   per-round ratios (each round's 10x against that round's best level), measured side by side, so
   that a machine getting slower or faster between rounds (other work coming and going) cancels out;
-- on a machine with two CPUs or more, the server is pinned to one CPU and this process and the load
-  generator (its child) to the others, so that the load generator's own work at 10x never takes the
-  server's CPU (PostgreSQL and Redis are left to the scheduler);
+- per level also the share of a CPU the server used over the window and its replies per CPU-second
+  (from /proc): on a shared machine replies/s follows the CPU the server is left, which varies by
+  tens of percent from one window to the next; replies per CPU-second show whether a level costs
+  more per reply (the load generator's own CPU is printed too: a few percent of one core at 10x);
 - clients honour Retry-After, as OpenAI's client does; goals: other errors 0 at every level,
   replies/s at 10x at least 90% of the peak, cache hit rate within 5 points of the unloaded one,
   no dependency reported down.
@@ -27,12 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,7 @@ class Level:
     misses: float
     health: Counter[str] = field(default_factory=Counter)
     recovery_s: float | None = None
-    rounds: list[float] = field(default_factory=list)  # replies/s of each round merged into this one
+    runs: list[dict[str, Any]] = field(default_factory=list)  # each round's own result, once merged
 
     @property
     def hit_rate(self) -> float:
@@ -88,18 +88,34 @@ class Level:
             self.misses + other.misses,
             self.health + other.health,
             max(recoveries) if len(recoveries) == 2 else None,  # the worst; unknown if either is
-            (self.rounds or [self.window_rate]) + (other.rounds or [other.window_rate]),
+            (self.runs or [self.result]) + (other.runs or [other.result]),
         )
 
-    @property
-    def window_rate(self) -> float:
-        """Replies that ended inside the measured window(s), per second of window."""
-        return int(self.result["completed"]) / float(self.result["window"])
+    def _median(self, figure: Callable[[dict[str, Any]], float | None]) -> float | None:
+        values = [v for v in map(figure, self.runs or [self.result]) if v is not None]
+        return statistics.median(values) if values else None
 
     @property
     def rate(self) -> float:
-        """Replies per second: the median over the rounds (the one round's, if not merged)."""
-        return statistics.median(self.rounds) if self.rounds else self.window_rate
+        """Replies that ended inside the measured window, per second of window: the median over the
+        rounds (the one round's, if not merged)."""
+        return self._median(lambda r: int(r["completed"]) / float(r["window"])) or 0.0
+
+    @property
+    def rates(self) -> list[float]:
+        return [int(r["completed"]) / float(r["window"]) for r in self.runs or [self.result]]
+
+    @property
+    def server_cpu(self) -> float | None:
+        """The share of one CPU the server used over the window (median over the rounds): below 1,
+        it waited (for its dependencies, or for a CPU other work on the machine held)."""
+        return self._median(lambda r: None if r.get("server_cpu") is None else r["server_cpu"] / r["window"])
+
+    @property
+    def per_cpu_second(self) -> float | None:
+        """Replies per CPU-second of the server (median over the rounds): what a reply costs, apart
+        from how much CPU the machine left the server."""
+        return self._median(lambda r: r["completed"] / r["server_cpu"] if r.get("server_cpu") else None)
 
     @property
     def shed(self) -> int:
@@ -117,22 +133,6 @@ class Level:
 def round_ratios(rounds: Sequence[dict[int, float]], level: int) -> list[float]:
     """Per round, `level`'s replies/s over the best level's of the same round."""
     return [rates[level] / max(rates.values()) for rates in rounds]
-
-
-@contextlib.contextmanager
-def pinned() -> Iterator[set[int] | None]:
-    """Yields the CPU for the server and, for the duration, keeps this process (and so the load
-    generators it starts, which inherit its mask) on the others; None, and no pinning, with fewer
-    than two CPUs."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        yield None
-        return
-    os.sched_setaffinity(0, set(cpus[1:]))
-    try:
-        yield {cpus[0]}
-    finally:
-        os.sched_setaffinity(0, set(cpus))
 
 
 async def cache_counts(client: httpx.AsyncClient) -> tuple[float, float]:
@@ -215,7 +215,9 @@ async def measure(
     level = Level(name, len(targets), result, hits, misses, seen, recovery)
     progress(
         f"overload: {name}, {len(targets)} streams: {level.rate:.1f} replies/s ("
-        f"{len(result['ttft_ns']) / float(result['elapsed']):.1f} counted to the end of the drain), first chunk p50 "
+        f"{len(result['ttft_ns']) / float(result['elapsed']):.1f} counted to the end of the drain), server CPU "
+        f"{_share(level.server_cpu)}, load generator CPU {_share(result.get('loadgen_cpu'), result['window'])}, "
+        f"{_number(level.per_cpu_second)} replies per CPU-second, first chunk p50 "
         f"{format_us(level.ttft(0.5))}, shed {level.shed}, other errors {level.other_errors}, "
         f"cache hit rate {100 * level.hit_rate:.1f}%, health {dict(seen)}, recovery "
         f"{'n/a' if recovery is None else f'{recovery:.2f} s'}"
@@ -224,13 +226,8 @@ async def measure(
 
 
 async def run(env: BenchEnv, *, quick: bool) -> Outcome:
-    with pinned() as server_cpus:
-        return await _run(env, quick=quick, server_cpus=server_cpus)
-
-
-async def _run(env: BenchEnv, *, quick: bool, server_cpus: set[int] | None) -> Outcome:
-    warmup, duration = (0.5, 2.0) if quick else (1.0, 4.0)
-    rounds = 2 if quick else 3
+    warmup, duration = (0.5, 2.0) if quick else (1.0, 3.0)
+    rounds = 2 if quick else len(ORDERS)
     sweep_seconds = 1.0 if quick else 3.0
     sweep = SWEEP[:4] if quick else SWEEP
     most = max(sweep) * max(LEVELS)
@@ -240,7 +237,7 @@ async def _run(env: BenchEnv, *, quick: bool, server_cpus: set[int] | None) -> O
     sweep_levels: list[Level] = []
     logs: list[str] = []
     # The sweep runs with admission control out of the way, to find where the worker saturates.
-    server = Server(server_environment(env, ADMISSION_MAX_TURNS="10000"), workers=1, cwd=env.workdir, cpus=server_cpus)
+    server = Server(server_environment(env, ADMISSION_MAX_TURNS="10000"), workers=1, cwd=env.workdir)
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
@@ -264,7 +261,7 @@ async def _run(env: BenchEnv, *, quick: bool, server_cpus: set[int] | None) -> O
     # saturating concurrency in flight (more only adds latency), twice as many waiting.
     limits = {"ADMISSION_MAX_TURNS": str(saturating), "ADMISSION_TURN_QUEUE": str(2 * saturating)}
     progress(f"overload: saturated at {saturating} streams ({best:.1f} replies/s at best); levels with {limits}")
-    server = Server(server_environment(env, **limits), workers=1, cwd=env.workdir, cpus=server_cpus)
+    server = Server(server_environment(env, **limits), workers=1, cwd=env.workdir)
     await server.start()
     per_round: list[dict[int, float]] = []
     try:
@@ -288,7 +285,7 @@ async def _run(env: BenchEnv, *, quick: bool, server_cpus: set[int] | None) -> O
                         probe=probe,
                         threshold_us=threshold,
                     )
-                    rates[factor] = level.window_rate
+                    rates[factor] = level.rate
                     measured[factor] = measured[factor].merged(level) if factor in measured else level
                 per_round.append(rates)
                 progress(
@@ -308,9 +305,16 @@ async def _run(env: BenchEnv, *, quick: bool, server_cpus: set[int] | None) -> O
         unloaded,
         alarms,
         limits,
-        pinned=server_cpus is not None,
         window=f"{duration:g} s after a {warmup:g} s warm-up",
     )
+
+
+def _share(value: float | None, over: float = 1.0) -> str:
+    return "n/a" if value is None else f"{100 * value / over:.0f}%"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else format_rate(value)
 
 
 def _log(server: Server) -> str:
@@ -326,16 +330,16 @@ def _outcome(
     alarms: dict[str, int],
     limits: dict[str, str],
     *,
-    pinned: bool,
     window: str,
 ) -> Outcome:
     outcome = Outcome()
     peak = max(level.rate for level in levels)
     ratios = round_ratios(per_round, max(LEVELS))
+    top = levels[-1]
     ratio = statistics.median(ratios)
     rows = []
     for level in levels:
-        rates = level.rounds or [level.rate]
+        rates = level.rates
         rows.append(
             [
                 level.name,
@@ -343,6 +347,8 @@ def _outcome(
                 format_rate(level.rate),
                 f"{format_rate(min(rates))} to {format_rate(max(rates))}",
                 f"{100 * level.rate / peak:.0f}%",
+                _share(level.server_cpu),
+                _number(level.per_cpu_second),
                 format_us(level.ttft(0.5)),
                 format_us(level.ttft(0.99)),
                 str(level.shed),
@@ -369,6 +375,15 @@ def _outcome(
          f"/health down reports {sum(reported_down(level.health) for level in levels)}; log: {alarms}"),
     ]  # fmt: skip
     notes = [f"- {goal}: **{'met' if ok else 'missed'}** ({measured})" for goal, ok, measured in goals]
+    best = max(levels[:-1], key=lambda level: level.rate)  # the best level below 10x
+    if top.per_cpu_second and best.per_cpu_second:
+        notes.append(
+            f"- not a goal, what lies behind the 10x figure: a reply at 10x cost the server "
+            f"{100 * best.per_cpu_second / top.per_cpu_second:.0f}% of the CPU one cost at {best.name}, the best "
+            f"level below it (replies per CPU-second {_number(top.per_cpu_second)} against "
+            f"{_number(best.per_cpu_second)}); the server used {_share(top.server_cpu)} of a CPU at 10x, "
+            f"{_share(best.server_cpu)} at {best.name}"
+        )
     outcome.sections.append(
         Section(
             title="Overload: one worker at 1x, 2x, 5x and 10x its saturating load",
@@ -379,15 +394,14 @@ def _outcome(
                 f"replies/s); the levels ran with admission sized as docs/deployment.md says: "
                 f"{', '.join(f'{k}={v}' for k, v in limits.items())}. Unloaded (1 stream): first "
                 f"chunk p50 {format_us(unloaded.ttft(0.5))}, cache hit rate {100 * unloaded.hit_rate:.1f}%. "
-                + (
-                    "The server was pinned to one CPU, the load generator to the other(s). "
-                    if pinned
-                    else "One CPU: nothing pinned. "
-                )
                 + f"{len(per_round)} rounds, each running every level once ({window}), in an order that changes "
                 "from round to round. `replies/s`: replies that ended inside the window over its length, the "
                 "median over the rounds (`rounds`: the lowest and the highest); the 10x goal is the median of "
-                "the per-round ratios, each round's 10x over that round's best level. "
+                "the per-round ratios, each round's 10x over that round's best level. `server CPU`: the share of "
+                "one CPU the server process used over the window (below 100%, it waited: for PostgreSQL or "
+                "Redis, or for a CPU other work held); `replies per CPU-s`: replies over the server's CPU "
+                "time, what a reply costs it whatever else the machine was doing (both medians over the "
+                "rounds). "
                 "`of peak`: the median replies/s over the best level's; `down`: /health polls "
                 "(every 0.5 s) that reported a dependency down or the invalidation channel disconnected; "
                 "`recovery`: from the end of the load until a lone turn's first chunk is back within twice "
@@ -401,6 +415,8 @@ def _outcome(
                         "replies/s",
                         "rounds",
                         "of peak",
+                        "server CPU",
+                        "replies per CPU-s",
                         "first chunk p50",
                         "first chunk p99",
                         "shed (503)",
@@ -410,7 +426,7 @@ def _outcome(
                         "recovery",
                     ],
                     rows,
-                    right=set(range(1, 12)),
+                    right=set(range(1, 14)),
                 ),
                 Table(
                     ["sweep: streams", "replies/s", "first chunk p50", "first chunk p99"],

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import Measured, Stats, format_us, percentile, summarize
+from bench.overload import Level, round_ratios
 from bench.report import (
     NOTES_BEGIN,
     NOTES_END,
@@ -158,3 +159,35 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert [v for t, v in judged.items() if t.startswith("context assembly")] == ["met", "missed", "missed"]
     overhead = [v for t, v in judged.items() if t.startswith("service overhead")]
     assert overhead == ["met", "not measured"]
+
+
+def _overload_run(completed: int, elapsed: float, server_cpu: float) -> dict[str, object]:
+    # 3 s windows; `elapsed` runs on to the end of the queue's drain, as the load generator reports it.
+    return {
+        "ttft_ns": [1_000_000] * completed,
+        "total_ns": [2_000_000] * completed,
+        "outcomes": {"200": completed},
+        "elapsed": elapsed,
+        "completed": completed,
+        "window": 3.0,
+        "server_cpu": server_cpu,
+    }
+
+
+def test_overload_levels_are_the_median_of_their_rounds_over_the_window() -> None:
+    rounds = [_overload_run(300, 3.3, 2.7), _overload_run(150, 3.3, 1.5), _overload_run(270, 3.2, 2.4)]
+    levels = [Level("10x", 40, run, hits=9, misses=1) for run in rounds]
+    merged = levels[0].merged(levels[1]).merged(levels[2])
+    # Replies that ended in the window over the window (not over the drain), median of the rounds.
+    assert merged.rates == [100.0, 50.0, 90.0]
+    assert merged.rate == pytest.approx(90.0)
+    assert merged.server_cpu == pytest.approx(0.8)
+    assert merged.per_cpu_second == pytest.approx(300 / 2.7)
+    assert merged.hit_rate == pytest.approx(0.9)
+
+
+def test_overload_10x_is_judged_against_each_rounds_best() -> None:
+    # The second round ran while other work held the CPU: every level slowed down alike, and the
+    # per-round ratio of 10x to that round's best does not move.
+    rounds = [{1: 95.0, 2: 100.0, 5: 98.0, 10: 92.0}, {1: 50.0, 2: 48.0, 5: 49.0, 10: 46.0}]
+    assert round_ratios(rounds, 10) == pytest.approx([0.92, 0.92])
