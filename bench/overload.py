@@ -13,8 +13,9 @@ saturates it, to show that it degrades on purpose: it refuses what it cannot ser
   disconnected, is counted), and the recovery time: from the end of the load until a lone turn's
   first chunk is back within twice the unloaded p50 (probed turn after turn);
 - a level's replies/s is the median over the rounds; the 10x goal is judged on the median of the
-  per-round ratios (each round's 10x against that round's best level), measured side by side, so
-  that a machine getting slower or faster between rounds (other work coming and going) cancels out;
+  per-round ratios (each round's 10x against the same round's figure for the peak level, the level
+  with the best median), measured side by side, so that a machine getting slower or faster between
+  rounds (other work coming and going) cancels out;
 - per level also the share of a CPU the server used over the window and its replies per CPU-second
   (from /proc): on a shared machine replies/s follows the CPU the server is left, which varies by
   tens of percent from one window to the next; replies per CPU-second show whether a level costs
@@ -130,9 +131,19 @@ class Level:
         return percentile(values, fraction) / 1000 if values else None
 
 
-def round_ratios(rounds: Sequence[dict[int, float]], level: int) -> list[float]:
-    """Per round, `level`'s replies/s over the best level's of the same round."""
-    return [rates[level] / max(rates.values()) for rates in rounds]
+def peak_level(rounds: Sequence[dict[int, float]]) -> int:
+    """The level with the most replies/s, by its median over the rounds."""
+    return max(rounds[0], key=lambda level: statistics.median(rates[level] for rates in rounds))
+
+
+def round_ratios(rounds: Sequence[dict[int, float]], level: int, against: int) -> list[float]:
+    """Per round, `level`'s replies/s over `against`'s in the same round.
+
+    Against one level chosen over all rounds (`peak_level`), not against each round's best: the best
+    of four noisy figures is biased high, so that 10x would fall short of it by the noise alone (with
+    every level truly equal and 10% noise per window, the median ratio to the round's best is 0.92,
+    and passes 0.9 in two runs out of three)."""
+    return [rates[level] / rates[against] for rates in rounds]
 
 
 async def cache_counts(client: httpx.AsyncClient) -> tuple[float, float]:
@@ -289,8 +300,9 @@ async def run(env: BenchEnv, *, quick: bool) -> Outcome:
                     measured[factor] = measured[factor].merged(level) if factor in measured else level
                 per_round.append(rates)
                 progress(
-                    f"overload: round {number + 1}: 10x at {100 * round_ratios([rates], max(LEVELS))[0]:.0f}% "
-                    "of the round's best"
+                    f"overload: round {number + 1}: "
+                    + ", ".join(f"{factor}x {rate:.1f}" for factor, rate in sorted(rates.items()))
+                    + " replies/s"
                 )
             levels = [measured[factor] for factor in LEVELS]
     finally:
@@ -334,7 +346,8 @@ def _outcome(
 ) -> Outcome:
     outcome = Outcome()
     peak = max(level.rate for level in levels)
-    ratios = round_ratios(per_round, max(LEVELS))
+    peak_factor = peak_level(per_round)
+    ratios = round_ratios(per_round, max(LEVELS), peak_factor)
     top = levels[-1]
     ratio = statistics.median(ratios)
     rows = []
@@ -366,7 +379,8 @@ def _outcome(
         ("other errors 0 at every level", all(level.other_errors == 0 for level in levels),
          ", ".join(str(level.other_errors) for level in levels)),
         ("replies/s at 10x ≥ 90% of the peak", ratio >= 0.9,
-         f"median of the rounds {100 * ratio:.0f}%; rounds " + ", ".join(f"{100 * r:.0f}%" for r in ratios)),
+         f"median of the rounds {100 * ratio:.0f}% of {peak_factor}x, the peak level; rounds "
+         + ", ".join(f"{100 * r:.0f}%" for r in ratios)),
         ("cache hit rate within 5 points of unloaded", all(abs(lv.hit_rate - unloaded.hit_rate) <= 0.05 for lv in levels),
          f"unloaded {100 * unloaded.hit_rate:.1f}%, levels "
          + ", ".join(f"{100 * level.hit_rate:.1f}%" for level in levels)),
@@ -397,7 +411,9 @@ def _outcome(
                 + f"{len(per_round)} rounds, each running every level once ({window}), in an order that changes "
                 "from round to round. `replies/s`: replies that ended inside the window over its length, the "
                 "median over the rounds (`rounds`: the lowest and the highest); the 10x goal is the median of "
-                "the per-round ratios, each round's 10x over that round's best level. `server CPU`: the share of "
+                "the per-round ratios, each round's 10x over the same round's peak level (the level with "
+                "the best median; against each round's own best, the noise alone would bias it low). "
+                "`server CPU`: the share of "
                 "one CPU the server process used over the window (below 100%, it waited: for PostgreSQL or "
                 "Redis, or for a CPU other work held); `replies per CPU-s`: replies over the server's CPU "
                 "time, what a reply costs it whatever else the machine was doing (both medians over the "

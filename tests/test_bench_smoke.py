@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import Measured, Stats, format_us, percentile, summarize
-from bench.overload import Level, round_ratios
+from bench.overload import Level, peak_level, round_ratios
 from bench.report import (
     NOTES_BEGIN,
     NOTES_END,
@@ -186,8 +186,14 @@ def test_overload_levels_are_the_median_of_their_rounds_over_the_window() -> Non
     assert merged.hit_rate == pytest.approx(0.9)
 
 
-def test_overload_10x_is_judged_against_each_rounds_best() -> None:
+def test_overload_10x_is_judged_round_by_round_against_the_peak_level() -> None:
     # The second round ran while other work held the CPU: every level slowed down alike, and the
-    # per-round ratio of 10x to that round's best does not move.
-    rounds = [{1: 95.0, 2: 100.0, 5: 98.0, 10: 92.0}, {1: 50.0, 2: 48.0, 5: 49.0, 10: 46.0}]
-    assert round_ratios(rounds, 10) == pytest.approx([0.92, 0.92])
+    # per-round ratio of 10x to the peak level (2x: the best median, though 5x has the best figure)
+    # does not move.
+    rounds = [
+        {1: 95.0, 2: 100.0, 5: 101.0, 10: 92.0},
+        {1: 50.0, 2: 50.0, 5: 52.0, 10: 46.0},
+        {1: 90.0, 2: 96.0, 5: 91.0, 10: 88.32},
+    ]
+    assert peak_level(rounds) == 2
+    assert round_ratios(rounds, 10, peak_level(rounds)) == pytest.approx([0.92, 0.92, 0.92])
