@@ -7,7 +7,6 @@ import builtins
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 from datetime import datetime
 
 from sqlalchemy import Select, bindparam, delete, func, select, update
@@ -72,7 +71,7 @@ def title_from(content: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-def _turn_state() -> Select[Any]:
+def _turn_state() -> Select[datetime, int | None, str | None, int, datetime]:
     head = aliased(Message)
     return (
         select(
