@@ -14,7 +14,6 @@ To compare two checkouts side by side, run this group from each with the same ve
 
 from __future__ import annotations
 
-import asyncio
 import cProfile
 import pstats
 import time
