@@ -21,8 +21,9 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import bindparam, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from companion.cache import keys
 from companion.cache.codec import ModelCodec
@@ -83,21 +84,27 @@ def fold(previous: str | None, addition: str, max_chars: int) -> str:
     return "\n".join([BASE_MARK, *reversed(kept)])
 
 
+def _newer_than_summary_query() -> Select[Any]:
+    path = (
+        tree.path_select(
+            select(Conversation.head_id).where(Conversation.id == bindparam("conversation_id")).scalar_subquery(),
+            down_to=bindparam("after"),
+        )
+    ).subquery("path")
+    row = aliased(Message)
+
+    def of_row(column: Any) -> Any:
+        # Looked up by primary key, row by row: a join could scan the whole table when the planner
+        # thinks it small (no statistics yet), and this runs after every turn.
+        return select(column).where(row.id == path.c.id).scalar_subquery()
+
+    return select(path.c.id, of_row(row.status), of_row(row.content != "")).order_by(path.c.id)
+
+
 # The active path back to the newest summary's last message (that message included), ids and
 # status only: what `summarize` reads after every turn. Built once: building it costs more than
 # running it.
-_NEWER_THAN_SUMMARY = (
-    select(Message.id, Message.status, Message.content != "")
-    .where(
-        Message.id.in_(
-            tree.path_select(
-                select(Conversation.head_id).where(Conversation.id == bindparam("conversation_id")).scalar_subquery(),
-                down_to=bindparam("after"),
-            )
-        )
-    )
-    .order_by(Message.id)
-)
+_NEWER_THAN_SUMMARY = _newer_than_summary_query()
 
 
 async def _newer_than_summary(session: AsyncSession, conversation_id: uuid.UUID, after: int) -> list[Any]:

@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -69,6 +69,27 @@ def title_from(content: str) -> str:
     """A conversation's title from its first message: its first line, shortened."""
     line = " ".join(content.strip().splitlines()[0].split()) if content.strip() else ""
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _turn_state() -> Select[datetime, int | None, str | None, int, datetime]:
+    head = aliased(Message)
+    return (
+        select(
+            Conversation.updated_at,
+            Conversation.head_id,
+            Conversation.title,
+            User.memory_generation,
+            head.created_at.label("head_at"),
+        )
+        .join(User, User.id == Conversation.user_id)
+        .outerjoin(head, head.id == Conversation.head_id)
+        .where(Conversation.id == bindparam("conversation_id"), Conversation.user_id == bindparam("user_id"))
+    )
+
+
+# What a turn reads in the transaction that stores its message (see add_turn_message). Built once:
+# an alias of a table costs more to build than the query costs to run.
+_TURN_STATE = _turn_state()
 
 
 async def _head_of(session: AsyncSession, conversation_id: uuid.UUID) -> int | None:
@@ -213,20 +234,8 @@ class ConversationService:
         now = self._clock()
         row = Message(conversation_id=conversation_id, role="user", content=content, status="complete", created_at=now)
         async with self._db.session() as session:
-            head = aliased(Message)
             found = (
-                await session.execute(
-                    select(
-                        Conversation.updated_at,
-                        Conversation.head_id,
-                        Conversation.title,
-                        User.memory_generation,
-                        head.created_at.label("head_at"),
-                    )
-                    .join(User, User.id == Conversation.user_id)
-                    .outerjoin(head, head.id == Conversation.head_id)
-                    .where(Conversation.id == conversation_id, Conversation.user_id == user_id)
-                )
+                await session.execute(_TURN_STATE, {"conversation_id": conversation_id, "user_id": user_id})
             ).one_or_none()
             if found is None:
                 raise _conversation_not_found()
