@@ -55,6 +55,7 @@ class Hammer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
     kinds: set[str] = field(default_factory=set)
+    in_flight: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # worker -> kind, phase, start
 
     def start(self, name: str, requests: list[tuple[str, Callable[[], Any]]]) -> None:
         self.names.add(name)
@@ -67,11 +68,14 @@ class Hammer:
             if self.stop.is_set():
                 return
             phase, started = self.phase, loop.time()
+            self.in_flight[name] = (kind, phase, started)
             try:
                 response: httpx.Response = await send()
             except httpx.TransportError as error:  # recorded, so the test reports every failure at once
                 self.outcomes.append(Outcome(name, kind, 0, phase, started, detail=repr(error)))
                 continue
+            finally:
+                self.in_flight.pop(name, None)
             version = response.json().get("version") if kind == "get quill" and response.is_success else None
             body = response.text[:300] if not response.is_success else ""
             self.outcomes.append(Outcome(name, kind, response.status_code, phase, started, version, body))
@@ -80,6 +84,16 @@ class Hammer:
         """Each worker sent each kind of request at least `times` times in `phase`."""
         sent = collections.Counter((o.instance, o.kind) for o in self.outcomes if o.phase == phase)
         return all(sent[(name, kind)] >= times for name in self.names for kind in self.kinds)
+
+    async def wait_covered(self, phase: str, what: str) -> None:
+        """`covered`, within the deadline; if not, the failure says what each worker was doing."""
+        try:
+            await wait_for(lambda: self.covered(phase), timeout=DEADLINE, what=what)
+        except AssertionError:
+            now = asyncio.get_running_loop().time()
+            sent = collections.Counter((o.instance, o.kind, o.status) for o in self.outcomes if o.phase == phase)
+            waiting = {name: (kind, started_in, f"{now - started:.1f}s") for name, (kind, started_in, started) in self.in_flight.items()}
+            raise AssertionError(f"{what}: sent in {phase}: {dict(sent)}; waiting on: {waiting}") from None
 
     async def finish(self) -> None:
         self.stop.set()
@@ -151,7 +165,7 @@ async def test_redis_stopping_mid_run_fails_no_request_and_everything_recovers_b
                         ("get orion", lambda c=bob_client: c.get("/v1/personalities/orion")),
                     ],
                 )  # fmt: skip
-            await wait_for(lambda: hammer.covered("before"), timeout=DEADLINE, what="traffic before the outage")
+            await hammer.wait_covered("before", "traffic before the outage")
 
             # --- the outage: Redis crashes ---------------------------------------------------------
             hammer.phase = "outage"
@@ -180,7 +194,7 @@ async def test_redis_stopping_mid_run_fails_no_request_and_everything_recovers_b
             put = await alice_a.put("/v1/preferences", json={"preferred_name": "Alice in the outage"})
             assert put.status_code == 200, put.text
             assert (await alice_b.get("/v1/preferences")).json()["preferred_name"] == "Alice in the outage"
-            await wait_for(lambda: hammer.covered("outage"), timeout=DEADLINE, what="traffic during the outage")
+            await hammer.wait_covered("outage", "traffic during the outage")
 
             # --- Redis comes back on the same port, with its data from before the outage ----------
             hammer.phase = "recovering"
@@ -215,7 +229,7 @@ async def test_redis_stopping_mid_run_fails_no_request_and_everything_recovers_b
             await wait_for(
                 lambda: _version(alice_b, 3), timeout=DEADLINE, what="B to see an edit made after the recovery"
             )
-            await wait_for(lambda: hammer.covered("recovered"), timeout=DEADLINE, what="traffic after recovery")
+            await hammer.wait_covered("recovered", "traffic after recovery")
             await hammer.finish()
 
     failed = [o for o in hammer.outcomes if not 200 <= o.status < 300]
