@@ -106,9 +106,21 @@ class OnnxEmbedder:
     model_id = MODEL_ID
     dimensions = DIMENSIONS
 
-    def __init__(self, *, threads: int = 1, max_batch: int = 32, model_path: pathlib.Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        max_batch: int = 32,
+        model_path: pathlib.Path | None = None,
+        recent: int = 512,
+    ) -> None:
         self.threads = threads
         self.max_batch = max_batch
+        # The vectors of the texts embedded last: a turn embeds the user's message to recall with
+        # it, then again as the episode it keeps (a one-sentence message is its own passage). About
+        # 1.5 KB a text.
+        self.recent_size = recent
+        self._recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._path = model_path
         self._model: _Model | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
@@ -133,11 +145,25 @@ class OnnxEmbedder:
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dimensions), dtype=np.float32)
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(texts), future))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain(), name="embedder")
-        return await future
+        known: dict[str, np.ndarray] = {}
+        for text in texts:
+            found = self._recent.get(text)
+            if found is not None:
+                self._recent.move_to_end(text)
+                known[text] = found
+        missing = [text for text in dict.fromkeys(texts) if text not in known]
+        if missing:
+            future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            self._pending.append((missing, future))
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._drain(), name="embedder")
+            fresh = dict(zip(missing, await future, strict=True))
+            for text, vector in fresh.items():
+                self._recent[text] = vector
+            while len(self._recent) > self.recent_size:
+                self._recent.popitem(last=False)
+            known |= fresh
+        return np.stack([known[text] for text in texts])
 
     async def _drain(self) -> None:
         """Run queued requests, merging those that wait together into one batch."""

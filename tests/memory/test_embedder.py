@@ -91,3 +91,17 @@ async def test_a_caller_that_gives_up_does_not_break_the_others(embedder: OnnxEm
     vector = await kept
     assert vector.shape == (1, DIMENSIONS)
     assert (await embedder.embed(["third"])).shape == (1, DIMENSIONS)
+
+
+async def test_a_text_embedded_again_soon_costs_no_inference(embedder: OnnxEmbedder) -> None:
+    """A turn embeds the user's message to recall with it, then again as the episode it keeps: the
+    second time comes from the recent vectors, identical; a new text still runs the model."""
+    text = "I went hiking in the mountains with my sister Anna last weekend (embedder cache test)."
+    (first,) = await embedder.embed([text])
+    before = embedder.batches
+    again, other = await embedder.embed([text, "A text this test has not embedded before."])
+    assert embedder.batches - before == 1  # only the new text ran
+    assert np.array_equal(first, again)
+    (repeated,) = await embedder.embed([text])
+    assert embedder.batches - before == 1 and np.array_equal(first, repeated)
+    assert float(other @ first) < 0.9
