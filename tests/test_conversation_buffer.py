@@ -270,18 +270,15 @@ async def test_after_a_redis_miss_the_buffer_is_rebuilt_from_the_database(
             _, window = await transcript.chat(client, conversation_id, "What did I tell you before?")
         prompt = last_prompt_after(a.provider, before)
         history = await paged_history(client, conversation_id)
-        assert (
-            pairs(prompt[1:])
-            == window
-            == [
-                ("assistant", "You said: Early message 2."),
-                ("user", "Early message 3."),
-                ("assistant", "You said: Early message 3."),
-                ("user", "Early message 4."),
-                ("assistant", "You said: Early message 4."),
-                ("user", "What did I tell you before?"),
-            ]
-        )
+        assert window == [
+            ("assistant", "You said: Early message 2."),
+            ("user", "Early message 3."),
+            ("assistant", "You said: Early message 3."),
+            ("user", "Early message 4."),
+            ("assistant", "You said: Early message 4."),
+            ("user", "What did I tell you before?"),
+        ]
+        assert pairs(prompt[1:]) == window
         assert reads.by_turns, "the history did not come from the database: no miss was tested"
 
         if miss == "restart":
@@ -365,18 +362,15 @@ async def test_a_turn_served_while_redis_was_down_is_in_the_next_prompt_when_red
             before = len(instance.provider.prompts)
             _, window = await transcript.chat(client, conversation_id, "Do you remember what I said?")
             prompt = last_prompt_after(instance.provider, before)
-            assert (
-                pairs(prompt[1:])
-                == window
-                == [
-                    ("assistant", "You said: Early message 2."),
-                    ("user", "Early message 3."),
-                    ("assistant", "You said: Early message 3."),
-                    ("user", "Said while Redis was down."),
-                    ("assistant", "You said: Said while Redis was down."),
-                    ("user", "Do you remember what I said?"),
-                ]
-            )
+            assert window == [
+                ("assistant", "You said: Early message 2."),
+                ("user", "Early message 3."),
+                ("assistant", "You said: Early message 3."),
+                ("user", "Said while Redis was down."),
+                ("assistant", "You said: Said while Redis was down."),
+                ("user", "Do you remember what I said?"),
+            ]
+            assert pairs(prompt[1:]) == window
 
             # Once both instances have recovered, the buffer is whole again and serves the next turns.
             for instance in (a, b):
@@ -419,18 +413,15 @@ async def test_a_turn_served_by_an_instance_cut_off_from_redis_is_in_the_next_pr
 
             _, window = await transcript.chat(cb, conversation_id, "Do you remember what I said?")
             prompt = last_prompt_after(provider_b, 0)
-            assert (
-                pairs(prompt[1:])
-                == window
-                == [
-                    ("assistant", "You said: Early message 2."),
-                    ("user", "Early message 3."),
-                    ("assistant", "You said: Early message 3."),
-                    ("user", "Said while A could not reach Redis."),
-                    ("assistant", "You said: Said while A could not reach Redis."),
-                    ("user", "Do you remember what I said?"),
-                ]
-            )
+            assert window == [
+                ("assistant", "You said: Early message 2."),
+                ("user", "Early message 3."),
+                ("assistant", "You said: Early message 3."),
+                ("user", "Said while A could not reach Redis."),
+                ("assistant", "You said: Said while A could not reach Redis."),
+                ("user", "Do you remember what I said?"),
+            ]
+            assert pairs(prompt[1:]) == window
             await proxy.start()
     finally:
         await proxy.stop()
@@ -603,7 +594,7 @@ async def test_a_reply_cut_short_by_a_stop_is_in_the_buffer_with_its_partial_tex
             clients = [await stack.enter_async_context(instance.client(key)) for instance in instances]
             conversation_id = (await create_conversation(clients[0]))["id"]
             transcript = Transcript(WINDOW)
-            await warm_up(clients[0], conversation_id, 1, transcript)
+            await warm_up(clients[0], conversation_id, 2, transcript)  # 7 messages by the last turn: the window slides
             instances[0].provider.queue(ScriptedReply("Once upon a time there was", hang_after=3))
             transcript.send("Tell me a story")
 
@@ -639,18 +630,18 @@ async def test_a_reply_cut_short_by_a_stop_is_in_the_buffer_with_its_partial_tex
             _, window = await transcript.chat(clients[-1], conversation_id, "Go on")
             prompt = last_prompt_after(provider, before)
             history = await paged_history(clients[0], conversation_id)
-            assert (
-                pairs(prompt[1:])
-                == window
-                == [
-                    ("user", "Early message 1."),
-                    ("assistant", "You said: Early message 1."),
-                    ("user", "Tell me a story"),
-                    ("assistant", "Once upon a "),
-                    ("user", "Go on"),
-                ]
-            )
+            assert window == [
+                ("assistant", "You said: Early message 1."),
+                ("user", "Early message 2."),
+                ("assistant", "You said: Early message 2."),
+                ("user", "Tell me a story"),
+                ("assistant", "Once upon a "),
+                ("user", "Go on"),
+            ]
+            assert pairs(prompt[1:]) == window
             assert [m["status"] for m in history] == [
+                "complete",
+                "complete",
                 "complete",
                 "complete",
                 "complete",
@@ -750,7 +741,7 @@ async def test_a_message_that_waits_too_long_gets_409_and_nothing_is_stored(
             clients = [await stack.enter_async_context(instance.client(key)) for instance in instances]
             conversation_id = (await create_conversation(clients[0]))["id"]
             transcript = Transcript(WINDOW)
-            await warm_up(clients[0], conversation_id, 1, transcript)
+            await warm_up(clients[0], conversation_id, 2, transcript)  # 7 messages by the last turn: the window slides
 
             gate = asyncio.Semaphore(0)
             first.provider.queue(ScriptedReply("A slow and steady reply.", gate=gate))
@@ -788,23 +779,23 @@ async def test_a_message_that_waits_too_long_gets_409_and_nothing_is_stored(
             assert [(m["content"], m["status"]) for m in history] == [
                 ("Early message 1.", "complete"),
                 ("You said: Early message 1.", "complete"),
+                ("Early message 2.", "complete"),
+                ("You said: Early message 2.", "complete"),
                 ("Take your time", "complete"),
                 ("A slow and steady reply.", "complete"),
             ]
             # The conversation is free again, and the next turn sees the whole exchange (and none of
             # the refused messages).
             _, window = await transcript.chat(clients[-1], conversation_id, "Now then")
-            assert (
-                pairs(second.provider.prompts[-1][1:])
-                == window
-                == [
-                    ("user", "Early message 1."),
-                    ("assistant", "You said: Early message 1."),
-                    ("user", "Take your time"),
-                    ("assistant", "A slow and steady reply."),
-                    ("user", "Now then"),
-                ]
-            )
+            assert window == [
+                ("assistant", "You said: Early message 1."),
+                ("user", "Early message 2."),
+                ("assistant", "You said: Early message 2."),
+                ("user", "Take your time"),
+                ("assistant", "A slow and steady reply."),
+                ("user", "Now then"),
+            ]
+            assert pairs(second.provider.prompts[-1][1:]) == window
 
 
 # --- 6. bad input leaves the buffer alone --------------------------------------------------------
@@ -837,7 +828,7 @@ async def test_bad_input_leaves_the_buffer_and_the_history_unchanged(
         client = await stack.enter_async_context(a.client((await a.services.users.create("alice")).api_key))
         conversation_id = (await create_conversation(client))["id"]
         transcript = Transcript(WINDOW)
-        await warm_up(client, conversation_id, 2, transcript)
+        await warm_up(client, conversation_id, 3, transcript)  # 7 messages by the last turn: the window slides
         history = await paged_history(client, conversation_id)
         entries = await buffered(a.services, redis_url, conversation_id)
         assert ids_once(entries) == [m["id"] for m in history]
@@ -858,15 +849,13 @@ async def test_bad_input_leaves_the_buffer_and_the_history_unchanged(
         # The buffer still works: the next good turn sees exactly the history.
         _, window = await transcript.chat(client, conversation_id, "A good message at last.")
         history = await paged_history(client, conversation_id)
-        assert (
-            pairs(last_prompt_after(a.provider, prompts)[1:])
-            == window
-            == [
-                ("user", "Early message 1."),
-                ("assistant", "You said: Early message 1."),
-                ("user", "Early message 2."),
-                ("assistant", "You said: Early message 2."),
-                ("user", "A good message at last."),
-            ]
-        )
+        assert window == [
+            ("assistant", "You said: Early message 1."),
+            ("user", "Early message 2."),
+            ("assistant", "You said: Early message 2."),
+            ("user", "Early message 3."),
+            ("assistant", "You said: Early message 3."),
+            ("user", "A good message at last."),
+        ]
+        assert pairs(last_prompt_after(a.provider, prompts)[1:]) == window
         assert ids_once(await buffered(a.services, redis_url, conversation_id)) == [m["id"] for m in history[-WINDOW:]]
