@@ -301,9 +301,7 @@ async def summarize_turns(services: Services, summarizer: Summarizer, cid: uuid.
 async def test_a_summary_past_its_cap_starts_a_base_row_and_the_next_rows_extend_it(services: Services):
     user = await services.users.create("alice")
     cid = (await services.conversations.create(user.id, "elara")).id
-    summarizer = Summarizer(
-        services.database, services.cache, mode="extractive", window=WINDOW, batch=BATCH, max_chars=100
-    )
+    summarizer = Summarizer(services.database, services.cache, mode="extractive", window=WINDOW, batch=BATCH, max_chars=100)
     rows = await summarize_turns(services, summarizer, cid, range(1, 6))
     # Turn n's two messages leave the window after turn n + 2; each gives two lines of 30 and 21
     # characters, so a row holds the lines of one turn (52), but not of two (105): base rows.

@@ -1,7 +1,7 @@
 """Helpers for the conversation-buffer and summary tests: the whole history read back through the
 API page by page, the client's own transcript (from which a test knows the prompt window a turn
-must have seen), a look at the buffer itself (the raw Redis list, or the in-process one), streamed turns in the background, and
-counting the SQL statements that read message rows."""
+must have seen), a look at the buffer itself (the raw Redis list, or the in-process one), streamed
+turns in the background, and counting the SQL statements that read message rows."""
 
 from __future__ import annotations
 
@@ -39,9 +39,7 @@ Pair = tuple[str, str]
 def pairs(messages: Sequence[ChatMessage] | Sequence[dict[str, Any]]) -> list[Pair]:
     """(role, content) of prompt messages (without the context block the newest user message may
     begin with) or of stored messages (API dicts)."""
-    return [
-        (m["role"], m["content"]) if isinstance(m, dict) else (m.role, split_context(m.content)[1]) for m in messages
-    ]
+    return [(m["role"], m["content"]) if isinstance(m, dict) else (m.role, split_context(m.content)[1]) for m in messages]
 
 
 def prompt_summary(prompt: Sequence[ChatMessage]) -> str | None:
