@@ -5,6 +5,7 @@
     python -m bench --only cache,context # some groups (the report then holds only those)
     python -m bench --profile            # also write profiles of the target rows to .bench/profiles/
     python -m bench --only memory-eval   # the long-term memory evaluation (bench/memory_eval.py)
+    python -m bench --only cost          # what a chat turn costs, counted (bench/cost.py)
 
 Needs PostgreSQL (a database `companion_bench_*` is created and dropped) and redis-server (a private
 one is started on a free port); installs: `pip install -e '.[bench]'`.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-GROUPS = ("cache", "context", "http", "model", "growth", "overload", "redis", "memory-eval")
+GROUPS = ("cache", "context", "cost", "http", "model", "growth", "overload", "redis", "memory-eval")
 REQUIRED = {"matplotlib": "matplotlib", "limits": "limits"}
 
 
@@ -64,7 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from bench import cache, context, growth, http, memory_eval, model, overload, redis_scaling
+    from bench import cache, context, cost, growth, http, memory_eval, model, overload, redis_scaling
     from bench.env import DEFAULT_PG_ADMIN_DSN, BenchEnv, machine, versions
     from bench.harness import Budget, progress
     from bench.report import Outcome, Report, write_report
@@ -79,6 +80,7 @@ async def run(args: argparse.Namespace) -> int:
     runners: dict[str, Callable[..., Awaitable[Outcome]]] = {
         "cache": lambda env: cache.run(env, budget),
         "context": lambda env: context.run(env, budget, profile=args.profile),
+        "cost": lambda env: cost.run(env, quick=args.quick),
         "http": lambda env: http.run(env, quick=args.quick, workers=args.workers, profile=args.profile),
         "model": lambda env: model.run(env, quick=args.quick),
         "growth": lambda env: growth.run(env, budget, quick=args.quick),

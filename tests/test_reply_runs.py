@@ -397,6 +397,66 @@ async def test_a_reply_started_on_one_server_resumes_and_stops_through_the_other
         assert tokens_text(replay) == "Long " * 5 and replay[-1].json()["finish_reason"] == "stopped"
 
 
+async def test_a_reply_that_ends_within_the_first_flush_interval_writes_no_stream_and_resumes_elsewhere(
+    two: list[Instance], redis_server: RedisProcess
+):
+    """The Redis Stream is begun one flush interval after a reply starts: a reply that has ended by
+    then costs Redis nothing, and another server resumes it from the database row, whole. A reply
+    still running at that point has its stream, and the other server reads it."""
+    import redis.asyncio as redis
+
+    from companion.cache import keys
+
+    a, b = two
+    key = (await a.services.users.create("quick")).api_key
+    gate = asyncio.Semaphore(2)
+    a.provider.queue(ScriptedReply(STORY), ScriptedReply(STORY, gate=gate))
+    watcher = redis.from_url(redis_server.url)
+    try:
+        async with a.client(key) as on_a, b.client(key) as on_b:
+            conversation_id = (await create_conversation(on_a))["id"]
+            response = await open_reply(on_a, conversation_id, "Quick one")
+            try:
+                async with asyncio.timeout(DEADLINE):
+                    events = [event async for event in iter_sse(response)]
+            finally:
+                await response.aclose()
+            message_id = events[0].json()["message_id"]
+            assert events[-1].event == "done"
+            # Once A's run and its stream writer are done, nothing was written.
+            async def runs_done() -> bool:
+                return not a.services.runs._tasks
+
+            await wait_for(runs_done, timeout=DEADLINE, what="A's reply run and stream writer to end")
+            assert not await watcher.exists(keys.reply_events(message_id))
+            for cut in ("0", events[3].id):
+                replay = await resume(on_b, conversation_id, message_id, cut)
+                before = tokens_text(events[:4]) if cut != "0" else ""
+                assert before + tokens_text(replay) == STORY
+                assert replay[-1].event == "done" and replay[-1].json()["content"] == STORY
+
+            # A reply still running after the interval writes its stream, and B follows it.
+            response = await open_reply(on_a, conversation_id, "Slow one")
+            try:
+                first = await take(iter_sse(response), 3)
+                slow_id = first[0].json()["message_id"]
+
+                async def stream_begun() -> bool:
+                    return bool(await watcher.exists(keys.reply_events(slow_id)))
+
+                await wait_for(stream_begun, timeout=DEADLINE, what="the slow reply's stream")
+                resumed = asyncio.create_task(resume(on_b, conversation_id, slow_id, first[-1].id))
+                for _ in range(200):
+                    gate.release()
+                after = await resumed
+            finally:
+                await response.aclose()
+            assert tokens_text(first) + tokens_text(after) == STORY
+            assert after[-1].event == "done"
+    finally:
+        await watcher.aclose()
+
+
 async def test_following_a_reply_does_not_hold_a_request_slot(database_url: str, tmp_path: Path):
     """Admission control lets one request at a time here: a resume that follows a long reply must
     not keep it, or every other request would be refused while someone waits for text."""

@@ -1,10 +1,13 @@
 """Bounded per user (issue 15, item 7): personalities, conversations, sessions and API keys per user
-have caps (settings) with a clear 409 past them; with Redis off, one user signing in in a loop can
-neither evict other users' sessions from the in-process store nor crowd them out."""
+have caps (settings) with a clear 409 past them, which hold exactly when creates race (on two
+instances at once); with Redis off, one user signing in in a loop can neither evict other users'
+sessions from the in-process store nor crowd them out. (Sessions racing in Redis: tests/cache/test_sessions.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -12,6 +15,7 @@ import httpx
 from companion.config import Settings
 from companion.errors import Conflict
 from companion.llm.scripted import ScriptedProvider
+from companion.personalities.schemas import PersonalityCreate
 from companion.services import Services
 from tests.conftest import make_settings
 from tests.support.api import assert_error, create_conversation, create_personality, running_server
@@ -82,3 +86,54 @@ async def test_with_redis_off_a_sign_in_loop_cannot_evict_other_users_sessions(
         assert await services.sessions.authenticate(bob_token) is not None
     finally:
         await services.aclose()
+
+
+async def _race(create: Callable[[Services, int], Awaitable[object]], instances: list[Services], attempts: int) -> int:
+    """`attempts` creates at once, spread over the instances; how many were refused with a 409."""
+    results = await asyncio.gather(
+        *(create(instances[index % len(instances)], index) for index in range(attempts)), return_exceptions=True
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(f, Conflict) for f in failures), failures
+    return len(failures)
+
+
+async def test_concurrent_creates_on_two_instances_stop_exactly_at_the_cap(database_url: str, tmp_path: Path) -> None:
+    """Count-then-insert let every create in flight see room under the cap; the user's row is now
+    locked for the count, so exactly the cap is stored and every other create is answered 409."""
+    cap, attempts = 3, 16
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        personalities_max_per_user=cap,
+        conversations_max_per_user=cap,
+        api_keys_max_per_user=cap + 1,  # the key the user was created with is one of them
+    )
+    instances = [Services.build(settings, provider=ScriptedProvider()) for _ in range(2)]
+    try:
+        user = (await instances[0].users.create("racer")).id
+
+        async def personality(services: Services, index: int) -> object:
+            body = PersonalityCreate(name=f"p{index}", description="x", system_prompt="x")
+            return await services.personalities.create(user, body)
+
+        async def conversation(services: Services, index: int) -> object:
+            return await services.conversations.create(user, "elara")
+
+        async def api_key(services: Services, index: int) -> object:
+            return await services.users.create_key(user, f"key {index}")
+
+        refused = await _race(personality, instances, attempts)
+        mine = [p for p in await instances[0].personalities.list_visible(user) if p.scope == "user"]
+        assert (len(mine), refused) == (cap, attempts - cap)
+
+        refused = await _race(conversation, instances, attempts)
+        held, _ = await instances[1].conversations.list(user, limit=100)
+        assert (len(held), refused) == (cap, attempts - cap)
+
+        refused = await _race(api_key, instances, attempts)
+        active = [k for k in await instances[0].users.list_keys(user) if k.revoked_at is None]
+        assert (len(active), refused) == (cap + 1, attempts - cap)
+    finally:
+        for services in instances:
+            await services.aclose()

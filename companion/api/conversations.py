@@ -174,8 +174,8 @@ async def post_message(
 
 async def _stream(log: MemoryRunLog, message_id: int, offset: int) -> AsyncIterator[bytes]:
     # Following, not driving: when the client leaves, only this generator ends; the run goes on.
-    async for event in log.follow(message_id, offset, stall_seconds=86_400.0):
-        yield sse_run_event(event)
+    async for batch in log.follow_batches(message_id, offset, stall_seconds=86_400.0):
+        yield b"".join(sse_run_event(event) for event in batch)
 
 
 @router.get(

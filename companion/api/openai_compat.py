@@ -116,7 +116,8 @@ async def chat_completions(
         raise InvalidInput("The last message must have role 'user'.", param="messages")
     # Check the text before choosing the conversation, which may create one: a rejected request stores nothing.
     content = services.chat.check_message(newest.text())
-    await services.quotas.enforce(user_id)  # a spent quota must not leave a new, empty conversation behind
+    # A spent quota must not leave a new, empty conversation behind (the turn checks the same first).
+    await services.chat.enforce_quota(user_id, content)
     conversation, created = await _conversation_for(
         services, user_id, personality.name, body.conversation_id or x_conversation_id
     )

@@ -62,7 +62,12 @@ def api_key(key_hash: str) -> str:
 
 
 def session(user_id: uuid.UUID, session_id: str) -> str:
-    return f"{PREFIX}:{user_tag(user_id)}:session:{part(session_id)}"
+    return session_prefix(user_id) + part(session_id)
+
+
+def session_prefix(user_id: uuid.UUID) -> str:
+    """What every session key of the user starts with (the cap's script builds them from the index)."""
+    return f"{PREFIX}:{user_tag(user_id)}:session:"
 
 
 def session_index(user_id: uuid.UUID) -> str:

@@ -213,18 +213,32 @@ class ReplyRuns:
         self.local.append(run.message_id, [event])
         if self.shared is not None:
             run.pending.append(event)
-            if event.kind in ("message", "done", "error"):
-                run.flush_now.set()  # the first and last events go out at once
+            if event.terminal:
+                run.flush_now.set()  # the end goes out at once (if the stream was begun)
 
     async def _write_shared(self, run: Run, message_id: int) -> None:
         """Write the run's events to the shared log in batches, one round trip per flush interval,
-        which also tells whether another instance asked for a stop."""
+        which also tells whether another instance asked for a stop.
+
+        The first batch goes out one flush interval after the reply started, not at once: a reply
+        that ends before then (most replies of a fast model) never writes its stream at all. Its row
+        is settled by then, and a resume on another instance that finds no stream reads the row,
+        which is polled while it streams, so nothing is lost by waiting; a turn saves two round
+        trips and a dozen Redis commands. A reply that ended otherwise (an error, a stop, a cut)
+        still writes its stream, in case its row could not be saved. Once the stream is begun, the
+        end goes out at once."""
         assert self.shared is not None
         failing_since: float | None = None
+        begun = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.flush_seconds):
-                    await run.flush_now.wait()
+            if begun:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_seconds):
+                        await run.flush_now.wait()
+            else:
+                await asyncio.sleep(self.flush_seconds)
+                if run.ended.is_set() and isinstance(run.outcome, DoneEvent):
+                    return  # ended and settled within the first interval: its row has it all
             run.flush_now.clear()
             batch, run.pending = run.pending, []
             try:
@@ -239,6 +253,7 @@ class ReplyRuns:
                     return  # the row is settled: a resume reads it from the database
                 continue
             failing_since = None
+            begun = True
             if stop and not run.ended.is_set():
                 self._stop_here(run)
             if any(event.terminal for event in batch):

@@ -31,7 +31,7 @@ from companion.chat.context import ContextAssembler
 from companion.chat.prompt import Remembered, build_prompt, user_name
 from companion.conversations.buffer import BufferedMessage, stamp
 from companion.conversations.schemas import ConversationOut, MessageOut
-from companion.conversations.service import HEAD, AtHead, ConversationService
+from companion.conversations.service import HEAD, AtHead, ConversationService, ConversationState
 from companion.conversations.turns import LocalTurnLock, TurnLock
 from companion.errors import CompanionError, InvalidInput, ServiceUnavailable
 from companion.interchange import cards
@@ -200,27 +200,27 @@ class ChatService:
         edited message's parent, which starts a new branch).
 
         Raises InvalidInput (422), NotFound (personality or conversation gone), Conflict (409: another
-        reply is still streaming here and did not finish in time), RateLimited (429: token quota
-        spent), ServiceUnavailable (503). Nothing is stored when it raises: once the message is
-        stored, the turn goes ahead with whatever context could be read (as recall already does).
+        reply is still streaming here and did not finish in time), RateLimited (429: the token quota
+        has no room for the prompt), ServiceUnavailable (503). Nothing is stored when it raises (a
+        turn its quota refuses once its prompt is counted is withdrawn): once the message is stored,
+        the turn goes ahead with whatever context could be read (as recall already does).
         """
         content = self.check_message(content)
         personality, preferences = await self._context.profile(user_id, conversation)
-        # The worst case (the whole context), before anything is stored: concurrent replies see each
-        # other's reservations. Trued up to the real prompt below, to the real usage when it settles.
-        reserved = await self._reserve(user_id, self.limits.context_tokens)
+        # Before anything is stored: refused at once when not even the message fits in the quota
+        # (the common refusal); the prompt is reserved, exactly, once it is built (`_admit`).
+        await self.enforce_quota(user_id, content)
         held = contextlib.AsyncExitStack()
         try:
             await held.enter_async_context(self._turns.hold(conversation.id))
             # Read again now that the turn is ours, in the transaction that stores the message: the
             # time of the message it follows is what the buffer must end with (see
             # ContextAssembler.history); the memory generation keys the recall.
-            user_message, previous_at, generation = await self._conversations.add_turn_message(
+            user_message, previous_at, generation, before = await self._conversations.add_turn_message(
                 user_id, conversation.id, content, parent_id=parent_id
             )
         except BaseException:
             await held.aclose()
-            await self._give_back(user_id, reserved)
             raise
         try:
             newest = BufferedMessage(
@@ -253,29 +253,28 @@ class ChatService:
             temperature=temperature,
             learn=preferences.memory_enabled,
         )
-        return await self._charge_prompt(turn, reserved)
+        return await self._admit(turn, before, withdraw=user_message.id)
 
     async def regenerate(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> Turn:
         """A turn that answers an existing user message again (`message_id`: it, or a reply to it):
         the new reply becomes an alternative to the earlier ones and the active one. Raises as
         `begin` does, and InvalidInput for a greeting."""
         personality, preferences = await self._context.profile(user_id, conversation)
-        reserved = await self._reserve(user_id, self.limits.context_tokens)
+        await self.enforce_quota(user_id)
         held = contextlib.AsyncExitStack()
         try:
             await held.enter_async_context(self._turns.hold(conversation.id))
-            user_message = await self._conversations.rewind(user_id, conversation.id, message_id)
+            user_message, before = await self._conversations.rewind(user_id, conversation.id, message_id)
             history = await self._context.rebuild(conversation.id)
             summary = await self._context.summary(conversation.id)
             memories = await self._context.recall(user_id, preferences, user_message.content)
         except BaseException:
             await held.aclose()
-            await self._give_back(user_id, reserved)
             raise
         turn = self._turn(
             user_id, conversation, user_message, personality, preferences, history, summary, memories, held, learn=False
         )
-        return await self._charge_prompt(turn, reserved)
+        return await self._admit(turn, before, withdraw=None)
 
     async def switch(self, user_id: uuid.UUID, conversation: ConversationOut, message_id: int) -> int:
         """Make the branch through `message_id` the active one (between turns) and rebuild the
@@ -328,26 +327,41 @@ class ChatService:
         )
         return Turn(user_id, conversation, user_message, prompt, params, held.aclose, len(history), learn=learn)
 
-    async def _charge_prompt(self, turn: Turn, reserved: int) -> Turn:
-        """True the turn's reservation up to its real prompt: the prompt is charged when generation
-        starts, generation's maximum stays reserved until the reply settles."""
+    async def enforce_quota(self, user_id: uuid.UUID, content: str | None = None) -> None:
+        """RateLimited (429) when the user's token quota has no room left for a turn: for the message
+        `content` at least, or (None) is used up. Reserves nothing; call before storing anything."""
+        if self._quotas is not None and self._quotas.enabled:
+            await self._quotas.enforce(user_id, estimate_tokens(content) if content is not None else 1)
+
+    async def _admit(self, turn: Turn, before: ConversationState, *, withdraw: int | None) -> Turn:
+        """Reserve the turn's prompt (counted now that it is built) and its max_tokens in the user's
+        token quota: the prompt is charged as generation starts, the completion held until the reply
+        settles. When the prompt does not fit (429), or the reservation is cancelled, the turn is
+        undone: the message it stored (`withdraw`) is deleted, the conversation put back as it was
+        (`before`) and released, so that a turn that raises has stored nothing."""
         prompt_tokens = sum(estimate_tokens(message.content) for message in turn.prompt)
-        if reserved:
-            await self._true_up(turn.user_id, prompt_tokens + turn.params.max_tokens - reserved)
-            reserved = prompt_tokens + turn.params.max_tokens
+        reserved = 0
+        if self._quotas is not None and self._quotas.enabled:
+            try:
+                reserved = await self._quotas.admit(turn.user_id, prompt_tokens, turn.params.max_tokens)
+            except (ServiceUnavailable, CacheUnavailable):
+                # The counter could not be read (Redis down without a fallback, or the database gone
+                # while rebuilding it): the message is stored, so the turn goes ahead, charged when it
+                # settles, as it goes ahead without a context read that failed.
+                logger.warning("could not reserve the token quota; the turn goes ahead", exc_info=True)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._conversations.withdraw(turn.conversation.id, before, withdraw)
+                        # The buffer held the message, and an edit or a regenerate moved the
+                        # summary to its path: both follow the restored path again.
+                        await self._context.rebuild(turn.conversation.id)
+                    except CompanionError:
+                        logger.warning("could not withdraw a turn refused by its token quota", exc_info=True)
+                    finally:
+                        await turn.release()
+                raise
         return dataclasses.replace(turn, prompt_tokens=prompt_tokens, reserved_tokens=reserved)
-
-    async def _reserve(self, user_id: uuid.UUID, tokens: int) -> int:
-        """Reserve `tokens` of the user's quota (429 when used up); what was reserved (0: no quotas)."""
-        if self._quotas is None or not self._quotas.enabled:
-            return 0
-        await self._quotas.reserve(user_id, tokens)
-        return tokens
-
-    async def _give_back(self, user_id: uuid.UUID, tokens: int) -> None:
-        if tokens:
-            with anyio.CancelScope(shield=True):
-                await self._true_up(user_id, -tokens)
 
     async def _true_up(self, user_id: uuid.UUID, delta: int) -> None:
         if self._quotas is None or not delta:

@@ -18,11 +18,12 @@ import asyncio
 import logging
 import re
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from companion.cache import keys
 from companion.cache.codec import ModelCodec
@@ -81,6 +82,35 @@ def fold(previous: str | None, addition: str, max_chars: int) -> str:
     if not kept:  # a single line longer than the whole budget: its end, cut
         return BASE_MARK + "\n" + content[-(max_chars - len(BASE_MARK) - 1) :]
     return "\n".join([BASE_MARK, *reversed(kept)])
+
+
+def _newer_than_summary_query() -> Select[Any]:
+    path = (
+        tree.path_select(
+            select(Conversation.head_id).where(Conversation.id == bindparam("conversation_id")).scalar_subquery(),
+            down_to=bindparam("after"),
+        )
+    ).subquery("path")
+    row = aliased(Message)
+
+    def of_row(column: Any) -> Any:
+        # Looked up by primary key, row by row: a join could scan the whole table when the planner
+        # thinks it small (no statistics yet), and this runs after every turn.
+        return select(column).where(row.id == path.c.id).scalar_subquery()
+
+    return select(path.c.id, of_row(row.status), of_row(row.content != "")).order_by(path.c.id)
+
+
+# The active path back to the newest summary's last message (that message included), ids and
+# status only: what `summarize` reads after every turn. Built once: building it costs more than
+# running it.
+_NEWER_THAN_SUMMARY = _newer_than_summary_query()
+
+
+async def _newer_than_summary(session: AsyncSession, conversation_id: uuid.UUID, after: int) -> list[Any]:
+    """(id, status, has text) of the active path's messages back to message `after` (included when
+    it is on the path), oldest first."""
+    return list((await session.execute(_NEWER_THAN_SUMMARY, {"conversation_id": conversation_id, "after": after})).all())
 
 
 async def _head(session: AsyncSession, conversation_id: uuid.UUID) -> int | None:
@@ -190,32 +220,34 @@ class Summarizer:
 
     async def summarize(self, conversation_id: uuid.UUID) -> Summary | None:
         """Add a summary row if at least `batch` messages of the active path have left the window
-        since the last summary on that path."""
+        since the last summary on that path.
+
+        Runs after every turn, so it reads only the part of the path newer than the last summary
+        (about `window + batch` messages, ids and status only): the cost of a turn must not grow with
+        the length of the conversation. Message texts are read only when a summary is due."""
         previous = await self.latest(conversation_id)
         after = previous.upto_message_id if previous else 0
         async with self._db.session() as session:
-            path = tree.path_select(await _head(session, conversation_id))
-            settled = list(
-                (
-                    await session.execute(
-                        select(Message).where(Message.id.in_(path), Message.status != "streaming").order_by(Message.id)
-                    )
-                ).scalars()
-            )
-        if (
-            previous is not None
-            and previous.upto_message_id
-            and previous.upto_message_id not in {m.id for m in settled}
-        ):
-            # Written for another branch while the path changed under a running summary: repair.
+            walked = await _newer_than_summary(session, conversation_id, after)
+        if after and (not walked or walked[0].id != after):
+            # The summary's last message is not on the active path: it was written for another
+            # branch while the path changed under a running summary. Repair.
             await self.follow_path(conversation_id)
             return None
+        # Newer than the summary, settled (a reply still streaming is not summarised yet).
+        settled = [(message_id, said) for message_id, status, said in walked if message_id > after and status != "streaming"]
         if len(settled) < self.window:
+            return None  # what left the window is already in the summary
+        oldest_kept = settled[-self.window][0]
+        wanted = [message_id for message_id, said in settled if message_id < oldest_kept and said]
+        if len(wanted) < self.batch:
             return None
-        oldest_kept = settled[-self.window].id
-        departed = [m for m in settled if after < m.id < oldest_kept and m.content != ""]
+        async with self._db.session() as session:
+            departed = list(
+                (await session.execute(select(Message).where(Message.id.in_(wanted)).order_by(Message.id))).scalars()
+            )
         if len(departed) < self.batch:
-            return None
+            return None  # deleted meanwhile
         addition = await self._describe(departed)
         content = fold(previous.content if previous else None, addition, self.max_chars)
         upto = departed[-1].id

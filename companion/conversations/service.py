@@ -6,9 +6,10 @@ from __future__ import annotations
 import builtins
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -18,6 +19,7 @@ from companion.errors import Conflict, InvalidInput, NotFound
 from companion.interchange.chats import ExportedConversation
 from companion.storage.database import Database
 from companion.storage.models import Conversation, Message, User
+from companion.storage.user_lock import lock_user
 from companion.types import Clock, utcnow
 
 
@@ -49,6 +51,16 @@ class AtHead:
     """The default parent of a new message: the end of the conversation's active path."""
 
 
+@dataclass(frozen=True)
+class ConversationState:
+    """What a turn changes on its conversation before its reply (head, activity time, title): what
+    `withdraw` puts back when the turn is refused after it began."""
+
+    head_id: int | None
+    updated_at: datetime
+    title: str | None
+
+
 HEAD = AtHead()
 TITLE_CHARS = 60
 
@@ -57,6 +69,27 @@ def title_from(content: str) -> str:
     """A conversation's title from its first message: its first line, shortened."""
     line = " ".join(content.strip().splitlines()[0].split()) if content.strip() else ""
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _turn_state() -> Select[datetime, int | None, str | None, int, datetime]:
+    head = aliased(Message)
+    return (
+        select(
+            Conversation.updated_at,
+            Conversation.head_id,
+            Conversation.title,
+            User.memory_generation,
+            head.created_at.label("head_at"),
+        )
+        .join(User, User.id == Conversation.user_id)
+        .outerjoin(head, head.id == Conversation.head_id)
+        .where(Conversation.id == bindparam("conversation_id"), Conversation.user_id == bindparam("user_id"))
+    )
+
+
+# What a turn reads in the transaction that stores its message (see add_turn_message). Built once:
+# an alias of a table costs more to build than the query costs to run.
+_TURN_STATE = _turn_state()
 
 
 async def _head_of(session: AsyncSession, conversation_id: uuid.UUID) -> int | None:
@@ -103,6 +136,7 @@ class ConversationService:
             updated_at=now,
         )
         async with self._db.session() as session:
+            await lock_user(session, user_id)  # the count below holds until this one is in
             held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
             if held >= self.max_per_user:
                 raise Conflict(
@@ -189,30 +223,19 @@ class ConversationService:
 
     async def add_turn_message(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID, content: str, *, parent_id: int | AtHead | None = HEAD
-    ) -> tuple[MessageOut, datetime | None, int]:
+    ) -> tuple[MessageOut, datetime | None, int, ConversationState]:
         """Store the user's message that starts a turn, after `parent_id` (by default the end of the
         active path; an edit gives the edited message's parent), in one transaction that also reads
         what the turn needs: the time of the message it follows (the stamp the buffer must end with;
-        None when it follows nothing) and the user's memory generation.
+        None when it follows nothing), the user's memory generation, and the conversation as it was
+        (for `withdraw`).
         An untitled conversation takes its title from the message. Raises NotFound if the
         conversation is gone or is not the user's."""
         now = self._clock()
         row = Message(conversation_id=conversation_id, role="user", content=content, status="complete", created_at=now)
         async with self._db.session() as session:
-            head = aliased(Message)
             found = (
-                await session.execute(
-                    select(
-                        Conversation.updated_at,
-                        Conversation.head_id,
-                        Conversation.title,
-                        User.memory_generation,
-                        head.created_at.label("head_at"),
-                    )
-                    .join(User, User.id == Conversation.user_id)
-                    .outerjoin(head, head.id == Conversation.head_id)
-                    .where(Conversation.id == conversation_id, Conversation.user_id == user_id)
-                )
+                await session.execute(_TURN_STATE, {"conversation_id": conversation_id, "user_id": user_id})
             ).one_or_none()
             if found is None:
                 raise _conversation_not_found()
@@ -235,7 +258,22 @@ class ConversationService:
                 await session.execute(
                     update(Conversation).where(Conversation.id == conversation_id).values(title=title_from(content))
                 )
-        return _message_out(row), previous_at, int(found.memory_generation)
+        before = ConversationState(found.head_id, found.updated_at, found.title)
+        return _message_out(row), previous_at, int(found.memory_generation), before
+
+    async def withdraw(self, conversation_id: uuid.UUID, before: ConversationState, message_id: int | None) -> None:
+        """Undo a turn refused after it began (its quota had no room for its prompt): delete the user
+        message it stored (`message_id`; None when it stored none) and put the conversation's head,
+        activity time and title back as they were. Call while holding the conversation's turn."""
+        restore: dict[str, object] = {"head_id": before.head_id, "updated_at": before.updated_at}
+        if before.title is None:  # the turn's message titled it
+            restore["title"] = None
+        async with self._db.session() as session:
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**restore))
+            if message_id is not None:
+                await session.execute(
+                    delete(Message).where(Message.id == message_id, Message.conversation_id == conversation_id)
+                )
 
     async def update_message(
         self,
@@ -403,10 +441,13 @@ class ConversationService:
             await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(head_id=head))
         return head
 
-    async def rewind(self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int) -> MessageOut:
+    async def rewind(
+        self, user_id: uuid.UUID, conversation_id: uuid.UUID, message_id: int
+    ) -> tuple[MessageOut, ConversationState]:
         """Make the user message `message_id` (or the one a reply `message_id` answers) the end of the
         active path, so that a new reply to it becomes an alternative to the ones it has. Returns
-        that user message. Raises NotFound, InvalidInput."""
+        that user message and the conversation as it was (for `withdraw`). Raises NotFound,
+        InvalidInput."""
         found = await self.owned_message(user_id, conversation_id, message_id)
         if found.role == "assistant" and found.parent_id is not None:
             found = await self.owned_message(user_id, conversation_id, found.parent_id)
@@ -417,10 +458,17 @@ class ConversationService:
                 param="message_id",
             )
         async with self._db.session() as session:
+            was = (
+                await session.execute(
+                    select(Conversation.head_id, Conversation.updated_at, Conversation.title).where(
+                        Conversation.id == conversation_id
+                    )
+                )
+            ).one()
             await session.execute(
                 update(Conversation).where(Conversation.id == conversation_id).values(head_id=found.id)
             )
-        return found
+        return found, ConversationState(was.head_id, was.updated_at, was.title)
 
     async def export(
         self, user_id: uuid.UUID, conversation_id: uuid.UUID | None = None
@@ -438,6 +486,7 @@ class ConversationService:
         """Store conversations read from a file, all or (on any error) none. Raises Conflict (409
         `too_many_conversations`) when they would take the user past CONVERSATIONS_MAX_PER_USER."""
         async with self._db.session() as session:
+            await lock_user(session, user_id)  # the count below holds until this one is in
             held = (await session.execute(select(func.count()).where(Conversation.user_id == user_id))).scalar_one()
             if held + len(conversations) > self.max_per_user:
                 raise Conflict(

@@ -19,17 +19,33 @@ from sqlalchemy.orm import aliased
 from companion.storage.models import Message
 
 
-def path_select(head_id: int | None, *, limit: int | None = None) -> Select[Any]:
+def path_select(
+    head_id: int | ColumnElement[Any] | None,
+    *,
+    limit: int | None = None,
+    down_to: int | ColumnElement[Any] | None = None,
+) -> Select[Any]:
     """A query for the ids of the path ending at `head_id` (its newest `limit` when given), for
-    use as a subquery: `Message.id.in_(path_select(head))`."""
+    use as a subquery: `Message.id.in_(path_select(head))`. `head_id` may be a scalar subquery
+    (the conversation's `head_id`), which saves reading it first, and `head_id` and `down_to` may be
+    bound parameters, for a statement built once (building a recursive query costs more than
+    running it). With `down_to`, the walk stops at
+    the first message whose id is at most `down_to` (that message included): ids grow along a path,
+    so what lies beyond it is older, and a caller that only needs the newer part never reads it."""
     start = select(Message.id, Message.parent_id, literal(1).label("depth")).where(Message.id == head_id)
     path = start.cte("path", recursive=True)
     parent = aliased(Message)
-    step = select(parent.id, parent.parent_id, (path.c.depth + 1).label("depth")).join(
-        path, parent.id == path.c.parent_id
+    # Each step is one primary-key lookup, as a correlated scalar subquery: a join here lets the
+    # planner hash the whole table at every step when its statistics make that look cheap (a new
+    # or small table), which costs the table's size times the path's length.
+    grandparent = select(parent.parent_id).where(parent.id == path.c.parent_id).scalar_subquery()
+    step = select(path.c.parent_id, grandparent, (path.c.depth + 1).label("depth")).where(
+        path.c.parent_id.is_not(None)
     )
     if limit is not None:
         step = step.where(path.c.depth < limit)
+    if down_to is not None:
+        step = step.where(path.c.id > down_to)
     path = path.union_all(step)
     return select(path.c.id)
 

@@ -336,21 +336,33 @@ class MemoryService:
         if self.config.extractor in ("llm", "both") and self._provider is not None:
             facts += await llm_facts(self._provider, text)
         unique = list({" ".join(f.text.casefold().split()): f for f in facts}.values())
+        found = passages(text) if self.config.episodes else []
+        if not found and not unique:
+            return []
+        # One call to the embedder for the passages and the facts: a run of the model per message,
+        # not two.
+        vectors = await self.embedder.embed([*found, *(fact.text for fact in unique)])
         episodes: builtins.list[MemoryOut] = []
         episode_vectors = np.empty((0, 0), dtype=np.float32)
-        if self.config.episodes:
-            episodes, episode_vectors = await self._keep_episodes(user_id, conversation_id, message_id, text, said_at)
+        if found:
+            episodes, episode_vectors = await self._keep_episodes(
+                user_id, conversation_id, message_id, found, vectors[: len(found)], said_at
+            )
         if not unique:
             return []
-        return await self._keep(user_id, unique, conversation_id, message_id, said_at, episodes, episode_vectors)
+        return await self._keep(
+            user_id, unique, conversation_id, message_id, said_at, episodes, episode_vectors, vectors[len(found) :]
+        )
 
     async def _keep_episodes(
-        self, user_id: uuid.UUID, conversation_id: uuid.UUID | None, message_id: int | None, text: str, said_at: datetime
+        self,
+        user_id: uuid.UUID,
+        conversation_id: uuid.UUID | None,
+        message_id: int | None,
+        found: Sequence[str],
+        vectors: np.ndarray,
+        said_at: datetime,
     ) -> tuple[builtins.list[MemoryOut], np.ndarray]:
-        found = passages(text)
-        if not found:
-            return [], np.empty((0, 0), dtype=np.float32)
-        vectors = await self.embedder.embed(found)
         new = [
             NewMemory(
                 passage, EPISODE, vector, conversation_id, message_id, said_at=said_at, dates=when.encode(when.resolve(passage, said_at))
@@ -380,8 +392,10 @@ class MemoryService:
         said_at: datetime,
         episodes: Sequence[MemoryOut] = (),
         episode_vectors: np.ndarray | None = None,
+        vectors: np.ndarray | None = None,
     ) -> builtins.list[MemoryOut]:
-        vectors = await self.embedder.embed([fact.text for fact in facts])
+        if vectors is None:
+            vectors = await self.embedder.embed([fact.text for fact in facts])
         kept: builtins.list[MemoryOut] = []
         async with self._writers.hold(user_id):  # near-duplicates merge, not race
             for fact, vector in zip(facts, vectors, strict=True):

@@ -15,6 +15,7 @@ from companion.personalities.builtin import BUILTIN_PERSONALITIES
 from companion.personalities.schemas import PersonalityCreate, PersonalityOut, PersonalityUpdate
 from companion.storage.database import Database
 from companion.storage.models import Personality
+from companion.storage.user_lock import lock_user
 from companion.types import Clock, is_valid_name, utcnow
 
 
@@ -130,6 +131,7 @@ class PersonalityService:
         )
         try:
             async with self._db.session() as session:
+                await lock_user(session, user_id)  # the count below holds until this one is in
                 owned = (
                     await session.execute(select(func.count()).where(Personality.owner_id == user_id))
                 ).scalar_one()

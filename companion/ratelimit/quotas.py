@@ -1,11 +1,16 @@
 """Per-user token quotas, daily and monthly (UTC calendar windows), checked before generation and
 charged as a reply is made, so that neither a client that leaves nor a model that fails can skip it.
 
-A turn reserves its worst case before anything is stored (`reserve`: the prompt budget plus its
-max_tokens, refused with 429 when a window is used up), trues that up to its real prompt when
-generation starts, and to its real usage when it settles (`adjust`), whatever way it ends. Several
-replies of one user generating at once therefore see each other's reservations: together they
-overrun a quota by at most one reply (the last one admitted).
+A turn is admitted when its prompt fits in what is left of every window; replies then overrun a
+quota by at most one reply's max_tokens, however many generate at once, on however many instances:
+- before anything is stored, `enforce` refuses (429) a turn whose message alone no longer fits;
+- once its prompt is built (and counted), `admit` checks that the prompt fits beside everything
+  already charged or reserved and reserves the prompt plus max_tokens, in one atomic step (one
+  script on Redis, for every window at once); refused, the turn withdraws what it stored;
+- when the reply settles, whatever way it ends, `adjust` trues the reservation up to the real usage.
+Every admitted turn saw the reservations of the turns admitted before it, so the counter never
+passes the quota by more than the last one's max_tokens (given usage within its reservation: the
+prompt as estimated, at most max_tokens generated).
 
 The counters live in Redis (or in process) as a cache of the database's truth: token usage is stored
 on every reply, so a counter that is missing (a new window, a flush, a restart) is rebuilt from the
@@ -19,6 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import func, select
 
@@ -29,6 +35,8 @@ from companion.ratelimit.policy import RateLimited
 from companion.storage.database import Database
 from companion.storage.models import Conversation, Message
 from companion.types import Clock, utcnow
+
+T = TypeVar("T")
 
 # KEYS[1]: counter. ARGV: tokens, total from the database (or -1: "ask me first"), ttl ms.
 _CHARGE = """
@@ -42,21 +50,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return value
 """
 
-# KEYS[1]: counter. ARGV: tokens, total from the database (or -1: "ask me first"), ttl ms, quota.
-# Returns -1 (ask the database first), -2 (used up: refused, nothing reserved), or the new value.
-_RESERVE = """
-local value = redis.call('GET', KEYS[1])
-if not value then
-  if ARGV[2] == '-1' then return -1 end
-  value = ARGV[2]
+# KEYS: one counter per window. ARGV[1]: the prompt, ARGV[2]: what to reserve (prompt + max_tokens),
+# then per window i: ARGV[3i] quota, ARGV[3i+1] total from the database (or -1: "ask me first"),
+# ARGV[3i+2] ttl ms. Returns {0} (reserved in every window), {-1} (ask the database first), or
+# {-2, i, used} (window i has no room for the prompt: nothing reserved).
+_ADMIT = """
+local prompt, reserve = tonumber(ARGV[1]), tonumber(ARGV[2])
+local used = {}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if not value then
+    if ARGV[3 * i + 1] == '-1' then return {-1} end
+    value = ARGV[3 * i + 1]
+  end
+  used[i] = tonumber(value)
 end
-if tonumber(value) >= tonumber(ARGV[4]) then
-  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-  return -2
+for i = 1, #KEYS do
+  if used[i] + prompt > tonumber(ARGV[3 * i]) then
+    for j, key in ipairs(KEYS) do redis.call('SET', key, used[j], 'PX', ARGV[3 * j + 2]) end
+    return {-2, i, used[i]}
+  end
 end
-local reserved = tonumber(value) + tonumber(ARGV[1])
-redis.call('SET', KEYS[1], reserved, 'PX', ARGV[3])
-return reserved
+for i, key in ipairs(KEYS) do redis.call('SET', key, used[i] + reserve, 'PX', ARGV[3 * i + 2]) end
+return {0}
 """
 
 # KEYS[1]: counter. ARGV: delta (may be negative). A missing counter is left missing: it is rebuilt
@@ -124,7 +140,7 @@ class TokenQuotas:
         self._clock = clock
         self._redis = backend if isinstance(backend, RedisBackend) else None
         self._charge = self._redis.client.register_script(_CHARGE) if self._redis is not None else None
-        self._reserve = self._redis.client.register_script(_RESERVE) if self._redis is not None else None
+        self._admit = self._redis.client.register_script(_ADMIT) if self._redis is not None else None
         self._adjust = self._redis.client.register_script(_ADJUST) if self._redis is not None else None
 
     @property
@@ -150,7 +166,7 @@ class TokenQuotas:
             ).scalar_one()
         return int(total or 0)
 
-    async def _with_backend(self, operation: Callable[[CacheBackend], Awaitable[int]]) -> int:
+    async def _with_backend(self, operation: Callable[[CacheBackend], Awaitable[T]]) -> T:
         try:
             return await operation(self._backend)
         except CacheUnavailable:
@@ -176,23 +192,23 @@ class TokenQuotas:
             states.append(QuotaState(window, await self._with_backend(read)))
         return states
 
-    async def check(self, user_id: uuid.UUID) -> QuotaState | None:
-        """The first exceeded window, or None when generation may go ahead."""
+    async def check(self, user_id: uuid.UUID, tokens: int = 1) -> QuotaState | None:
+        """The first window without room for `tokens` more, or None when generation may go ahead."""
         if not self.enabled:
             return None
         for state in await self.usage(user_id):
-            if state.exceeded:
+            if state.used + tokens > state.window.quota:
                 return state
         return None
 
-    async def enforce(self, user_id: uuid.UUID) -> None:
+    async def enforce(self, user_id: uuid.UUID, tokens: int = 1) -> None:
         """Raise RateLimited (429 `token_quota_exceeded`, Retry-After until the window renews, on
-        this service's clock) when a window is used up; for callers that must refuse before they
-        store anything (the OpenAI route, which may create a conversation first)."""
-        exceeded = await self.check(user_id)
+        this service's clock) when a window has no room for `tokens` more (by default: is used up).
+        Before anything is stored, with what a turn needs at least (its message); reserves nothing."""
+        exceeded = await self.check(user_id, tokens)
         if exceeded is None:
             return
-        raise self._exceeded(exceeded.window)
+        raise self._exceeded(exceeded.window, exceeded.used, tokens)
 
     async def charge(self, user_id: uuid.UUID, tokens: int) -> None:
         """Add a stored reply's real token usage to every window (call after the reply is saved:
@@ -221,42 +237,53 @@ class TokenQuotas:
 
             await self._with_backend(add)
 
-    async def reserve(self, user_id: uuid.UUID, tokens: int) -> None:
-        """Reserve `tokens` in every window, atomically refusing (RateLimited 429
-        `token_quota_exceeded`, nothing reserved) when one is used up. Call before storing anything;
-        true it up later with `adjust`."""
+    async def admit(self, user_id: uuid.UUID, prompt_tokens: int, max_tokens: int) -> int:
+        """Reserve a turn's prompt and max_tokens in every window, atomically, when the prompt fits in
+        what is left of each (beside what is charged and reserved already); returns what was reserved
+        (0 without quotas). Raises RateLimited (429 `token_quota_exceeded`, nothing reserved)
+        otherwise. True the reservation up to the real usage with `adjust` when the reply settles."""
         if not self.enabled:
-            return
-        done: list[Window] = []
-        for window in windows(self._clock(), self.daily, self.monthly):
-            key = self._key(user_id, window)
-            ttl_ms = int(((window.end - self._clock()).total_seconds() + 3600) * 1000)
+            return 0
+        now = self._clock()
+        spans = [
+            (w, self._key(user_id, w), int(((w.end - now).total_seconds() + 3600) * 1000))
+            for w in windows(now, self.daily, self.monthly)
+        ]
+        reserve = prompt_tokens + max_tokens
 
-            async def take(backend: CacheBackend, key: str = key, window: Window = window, ttl_ms: int = ttl_ms) -> int:
-                redis, script = self._redis, self._reserve
-                if redis is not None and script is not None and backend is redis:
-                    args = [tokens, -1, ttl_ms, window.quota]
-                    value = int(await redis.run(lambda: script(keys=[key], args=args)))
-                    if value == -1:
-                        args[1] = await self._used_in_database(user_id, window)
-                        value = int(await redis.run(lambda: script(keys=[key], args=args)))
-                    return value
-                # In process (Redis off, or down): no await between the read and the write below,
-                # so it is as atomic as the script; a rebuild only creates a counter still missing.
+        async def take(backend: CacheBackend) -> tuple[int, int]:
+            """(-1, 0) when reserved, else (the index of the window without room, its usage)."""
+            redis, script = self._redis, self._admit
+            if redis is not None and script is not None and backend is redis:
+                counters = [key for _, key, _ in spans]
+                args: list[int] = [prompt_tokens, reserve]
+                for window, _, ttl_ms in spans:
+                    args += [window.quota, -1, ttl_ms]
+                result = [int(v) for v in await redis.run(lambda: script(keys=counters, args=args))]
+                if result[0] == -1:  # a counter is missing: rebuild it from the stored usage
+                    for index, (window, _, _) in enumerate(spans):
+                        args[3 * index + 3] = await self._used_in_database(user_id, window)
+                    result = [int(v) for v in await redis.run(lambda: script(keys=counters, args=args))]
+                return (-1, 0) if result[0] == 0 else (result[1] - 1, result[2])
+            # In process (Redis off, or down): the database reads come first; from the first read of
+            # a counter to the last write the in-process store never yields to the event loop, so it
+            # is as atomic as the script. A rebuild only creates a counter still missing.
+            for window, key, ttl_ms in spans:
                 if await backend.get(key) is None:
                     total = await self._used_in_database(user_id, window)
                     await backend.add(key, str(total).encode(), ttl_ms / 1000)
-                used = int(await backend.get(key) or 0)
-                if used >= window.quota:
-                    return -2
-                await backend.set(key, str(used + tokens).encode(), ttl_ms / 1000)
-                return used + tokens
+            used = [int(await backend.get(key) or 0) for _, key, _ in spans]
+            for index, (window, _, _) in enumerate(spans):
+                if used[index] + prompt_tokens > window.quota:
+                    return index, used[index]
+            for (_, key, ttl_ms), value in zip(spans, used, strict=True):
+                await backend.set(key, str(value + reserve).encode(), ttl_ms / 1000)
+            return -1, 0
 
-            if await self._with_backend(take) == -2:
-                for earlier in done:  # give back what the windows before this one reserved
-                    await self._adjust_window(user_id, earlier, -tokens)
-                raise self._exceeded(window)
-            done.append(window)
+        refused, used = await self._with_backend(take)
+        if refused >= 0:
+            raise self._exceeded(spans[refused][0], used, prompt_tokens)
+        return reserve
 
     async def adjust(self, user_id: uuid.UUID, delta: int) -> None:
         """Add `delta` (negative: give back) to every window's existing counter: a reservation trued
@@ -283,10 +310,13 @@ class TokenQuotas:
 
         await self._with_backend(add)
 
-    def _exceeded(self, window: Window) -> RateLimited:
+    def _exceeded(self, window: Window, used: int, needed: int) -> RateLimited:
+        if used >= window.quota or needed <= 1:
+            what = "is used up"
+        else:
+            what = f"has {window.quota - used} tokens left, fewer than this turn needs ({needed})"
         return RateLimited(
-            f"Your {window.name} token quota ({window.quota} tokens) is used up; it renews at "
-            f"{window.end.isoformat()}.",
+            f"Your {window.name} token quota ({window.quota} tokens) {what}; it renews at {window.end.isoformat()}.",
             retry_after=max((window.end - self._clock()).total_seconds(), 1.0),
             code="token_quota_exceeded",
         )

@@ -5,7 +5,9 @@ of the secret is stored, compared in constant time.
 
 A session remembers the API key it was made from (by id, and by hash so the caller can check the key
 is still active): revoking the key ends the sessions made from it. A user holds at most
-SESSIONS_MAX_PER_USER sessions (409 past it), so one user cannot crowd out others' sessions.
+SESSIONS_MAX_PER_USER sessions (409 past it), so one user cannot crowd out others' sessions. The
+count and the write are one step (a script on Redis; in process, no await between them), so
+concurrent sign-ins, on one instance or several, cannot take a user past the cap.
 
 A revocation that cannot reach Redis is not pretended: `revoke` raises `RevocationDeferred` (503),
 the session is refused by this instance from then on, and the revocation is replayed as soon as
@@ -28,6 +30,7 @@ from pydantic import BaseModel
 
 from companion.cache import keys
 from companion.cache.backend import CacheBackend, CacheUnavailable
+from companion.cache.redis import RedisBackend
 from companion.errors import Conflict, NotFound, ServiceUnavailable
 from companion.types import Clock, utcnow
 
@@ -35,6 +38,26 @@ logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "cms_"
 T = TypeVar("T")
 MAX_PENDING_REVOCATIONS = 100_000
+
+# KEYS[1]: the user's session index, KEYS[2]: the new session. ARGV: session key prefix, cap, sessions
+# held elsewhere (in process, made during an outage), the new session's value, ttl ms, its id.
+# Returns -1 when stored, else the number of sessions held (refused, nothing written). The session
+# keys of the index's members are built here: they share the user's hash tag, so one cluster slot.
+_CREATE = """
+local held = tonumber(ARGV[3])
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 1 then
+    held = held + 1
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+if held >= tonumber(ARGV[2]) then return held end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('SADD', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return -1
+"""
 
 
 class RevocationDeferred(ServiceUnavailable):
@@ -90,6 +113,8 @@ class SessionService:
         self._clock = clock
         # Revocations that could not reach Redis: (user, session id), refused here until replayed.
         self._pending: set[tuple[uuid.UUID, str]] = set()
+        self._redis = backend if isinstance(backend, RedisBackend) else None
+        self._create = self._redis.client.register_script(_CREATE) if self._redis is not None else None
 
     async def _with_fallback(self, operation: Callable[[CacheBackend], Awaitable[T]]) -> T:
         try:
@@ -108,13 +133,6 @@ class SessionService:
         key_hash: str | None = None,
     ) -> tuple[str, SessionInfo]:
         """Raises Conflict (409 `too_many_sessions`) when the user already has SESSIONS_MAX_PER_USER."""
-        held = len(await self.list(user_id))
-        if held >= self.max_per_user:
-            raise Conflict(
-                f"You already have {held} sessions (SESSIONS_MAX_PER_USER={self.max_per_user}); sign out of one "
-                "(DELETE /v1/sessions/{id}) or wait for one to expire.",
-                code="too_many_sessions",
-            )
         session_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(24)
         now = self._clock()
@@ -129,11 +147,34 @@ class SessionService:
             key_hash=key_hash,
         )
 
-        async def write(backend: CacheBackend) -> None:
-            await backend.set(keys.session(user_id, session_id), stored.model_dump_json().encode(), self.ttl_seconds)
-            await backend.sadd(keys.session_index(user_id), session_id, self.ttl_seconds)
+        value = stored.model_dump_json().encode()
 
-        await self._with_fallback(write)
+        async def write(backend: CacheBackend) -> int:
+            """Store the session unless the user holds the cap already: -1, or the number held."""
+            redis, script = self._redis, self._create
+            if redis is not None and script is not None and backend is redis:
+                # Sessions made during an outage live in process and count too.
+                elsewhere = len(await self._live(self._fallback, user_id)) if self._fallback is not None else 0
+                index, key = keys.session_index(user_id), keys.session(user_id, session_id)
+                ttl_ms = int(self.ttl_seconds * 1000)
+                args = [keys.session_prefix(user_id), self.max_per_user, elsewhere, value, ttl_ms, session_id]
+                return int(await redis.run(lambda: script(keys=[index, key], args=args)))
+            # In process (Redis off, or down): the in-process store never yields to the event loop,
+            # so nothing runs between this count and the write.
+            held = len(await self._live(backend, user_id))
+            if held >= self.max_per_user:
+                return held
+            await backend.set(keys.session(user_id, session_id), value, self.ttl_seconds)
+            await backend.sadd(keys.session_index(user_id), session_id, self.ttl_seconds)
+            return -1
+
+        held = await self._with_fallback(write)
+        if held >= 0:
+            raise Conflict(
+                f"You already have {held} sessions (SESSIONS_MAX_PER_USER={self.max_per_user}); sign out of one "
+                "(DELETE /v1/sessions/{id}) or wait for one to expire.",
+                code="too_many_sessions",
+            )
         token = f"{TOKEN_PREFIX}{user_id.hex}.{session_id}.{secret}"
         return token, SessionInfo(**stored.model_dump(exclude={"secret_hash", "key_hash"}))
 
@@ -173,27 +214,31 @@ class SessionService:
             return None
         return SessionInfo(**stored.model_dump(exclude={"secret_hash", "key_hash"})), stored.key_hash
 
+    async def _live(self, backend: CacheBackend, user_id: uuid.UUID) -> list[SessionInfo]:
+        """The user's sessions in `backend` that have not expired (tidying the index of the others)."""
+        ids: list[str] = sorted(await backend.smembers(keys.session_index(user_id)))
+        values = await backend.mget([keys.session(user_id, i) for i in ids])
+        sessions = []
+        for session_id, data in zip(ids, values, strict=True):
+            if data is None:
+                await backend.srem(keys.session_index(user_id), session_id)  # expired: tidy the index
+                continue
+            stored = orjson.loads(data)
+            stored.pop("secret_hash", None)
+            stored.pop("key_hash", None)
+            if (user_id, stored.get("id")) in self._pending:
+                continue
+            sessions.append(SessionInfo.model_validate(stored))
+        return sessions
+
     async def list(self, user_id: uuid.UUID) -> list[SessionInfo]:
         async def read(backend: CacheBackend) -> list[SessionInfo]:
-            ids: list[str] = sorted(await backend.smembers(keys.session_index(user_id)))
-            values = await backend.mget([keys.session(user_id, i) for i in ids])
-            sessions = []
-            for session_id, data in zip(ids, values, strict=True):
-                if data is None:
-                    await backend.srem(keys.session_index(user_id), session_id)  # expired: tidy the index
-                    continue
-                stored = orjson.loads(data)
-                stored.pop("secret_hash", None)
-                stored.pop("key_hash", None)
-                if (user_id, stored.get("id")) in self._pending:
-                    continue
-                sessions.append(SessionInfo.model_validate(stored))
-            return sessions
+            return await self._live(backend, user_id)
 
         found = {session.id: session for session in await self._with_fallback(read)}
         if self._fallback is not None:
             # Sessions made while Redis was unreachable still authenticate, so they are listed too.
-            for session in await read(self._fallback):
+            for session in await self._live(self._fallback, user_id):
                 found.setdefault(session.id, session)
         return sorted(found.values(), key=lambda s: s.created_at)
 

@@ -21,6 +21,7 @@ from sqlalchemy import func, or_, select, update
 from companion.errors import Conflict, NotFound, Unauthorized
 from companion.storage.database import Database
 from companion.storage.models import ApiKey, User
+from companion.storage.user_lock import lock_user
 from companion.types import Clock, utcnow
 
 KEY_PREFIX = "cmp_"
@@ -168,7 +169,7 @@ class UserService:
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
         row = self._key_row(user_id, api_key, name, self._clock())
         async with self._db.session() as session:
-            if await session.get(User, user_id) is None:
+            if not await lock_user(session, user_id):  # the count below holds until this one is in
                 raise NotFound("No such user.", code="user_not_found")
             active = (
                 await session.execute(

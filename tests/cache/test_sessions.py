@@ -3,6 +3,7 @@ expiry, per-user listing and revocation, and sign-ins that keep working while Re
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -298,3 +299,21 @@ async def test_one_user_cannot_hold_more_than_the_session_cap(cache_backend: Bac
         await sessions.create(ALICE)
     assert refused.value.code == "too_many_sessions"
     await sessions.create(BOB)  # others are not affected
+
+
+async def test_concurrent_sign_ins_on_two_instances_stop_exactly_at_the_cap(cache_backend: BackendCase) -> None:
+    """Counting the sessions and then writing one let every sign-in in flight see room under the
+    cap; the count and the write are now one step, so exactly the cap is stored."""
+    cap, attempts = 3, 12
+    instances = [_sessions(cache_backend, max_per_user=cap) for _ in range(2)]
+    # One sign-in first, which also loads the script: on the test cluster, a burst of first calls
+    # (NOSCRIPT, then SCRIPT LOAD on every primary at once) sometimes has a connection closed.
+    await instances[0].create(ALICE)
+    results = await asyncio.gather(
+        *(instances[index % 2].create(ALICE) for index in range(attempts)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, Conflict) and r.code == "too_many_sessions" for r in refused), refused
+    assert (attempts - len(refused), len(refused)) == (cap - 1, attempts - cap + 1)
+    assert len(await instances[1].list(ALICE)) == cap
+    assert len(await cache_backend.backend.smembers(keys.session_index(ALICE))) == cap

@@ -1,16 +1,18 @@
 """Token quotas through the real app, on SQLite and PostgreSQL, with the counters in the private
 Redis or in process. The scripted provider's usage is word- and character-based and deterministic:
-chats go through while the window's usage is under the quota and the next is refused with 429
-`token_quota_exceeded` (nothing stored); daily and monthly windows follow the injected clock; a lost
-counter (FLUSHALL, a restart) is rebuilt from the stored usage, so nothing is forgotten."""
+chats go through while each one's prompt fits in what is left of the window, and the first whose
+prompt does not is refused with 429 `token_quota_exceeded` (nothing stored); daily and monthly
+windows follow the injected clock; a lost counter (FLUSHALL, a restart) is rebuilt from the stored
+usage, so nothing is forgotten."""
 
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ class QuotaApp:
     user_id: uuid.UUID
     http: httpx.AsyncClient
     api_key: str
+    prompts: list[int] = field(default_factory=list)  # each answered post's prompt tokens, in order
 
     @property
     def services(self) -> Services:
@@ -64,9 +67,12 @@ class QuotaApp:
         return {state.window.name: state.used for state in await self.services.quotas.usage(self.user_id)}
 
     async def post(self, conversation_id: str, content: str) -> httpx.Response:
-        return await self.http.post(
+        response = await self.http.post(
             f"/v1/conversations/{conversation_id}/messages", json={"content": content, "stream": False}
         )
+        if response.status_code == 200:
+            self.prompts.append(response.json()["usage"]["prompt_tokens"])
+        return response
 
     async def stored(self) -> list[tuple[str, str]]:
         conversations, _ = await self.services.conversations.list(self.user_id, limit=200)
@@ -129,10 +135,21 @@ def assert_quota_refused(response: httpx.Response, window: str, quota: int) -> d
     return error
 
 
-def assert_used_up_exactly_when_due(usages: list[int], quota: int) -> None:
-    """Every admitted turn started under the quota, and the refusal came once it was reached."""
+def assert_used_up_exactly_when_due(app: QuotaApp, usages: list[int], refused: httpx.Response, quota: int) -> None:
+    """Every admitted turn's prompt fitted in what was left of the quota (its reply may then run past
+    it, by at most its max_tokens), and the refusal came once the next one's did not."""
     assert len(usages) >= 2, usages  # more than one turn fitted: the test shows a countdown
-    assert sum(usages[:-1]) < quota <= sum(usages), usages
+    prompts = app.prompts[-len(usages) :]
+    for index, prompt in enumerate(prompts):
+        assert sum(usages[:index]) + prompt <= quota, (usages, prompts)
+    assert sum(usages) <= quota + app.services.chat.limits.max_tokens, usages
+    left = quota - sum(usages)
+    if left > 0:  # not used up: refused because the next turn needed more than was left
+        found = re.search(
+            r"has (\d+) tokens left, fewer than this turn needs \((\d+)\)", refused.json()["error"]["message"]
+        )
+        assert found is not None, refused.text
+        assert int(found[1]) == left < int(found[2]), refused.text
 
 
 def real_now_clock() -> MovableClock:
@@ -148,7 +165,7 @@ async def test_daily_quota_refuses_once_used_up_and_stores_nothing(
     async with quota_app(settings, clock) as app:
         conversation = await create_conversation(app.http, "brief")
         usages, refused = await chat_until_refused(app, conversation["id"])
-        assert_used_up_exactly_when_due(usages, QUOTA)
+        assert_used_up_exactly_when_due(app, usages, refused, QUOTA)
         assert await app.used() == {"daily": sum(usages)}
         error = assert_quota_refused(refused, "daily", QUOTA)
         # Retry when the UTC day ends.
@@ -174,7 +191,7 @@ async def test_monthly_quota_holds_for_the_whole_month(
     async with quota_app(settings, clock) as app:
         conversation = await create_conversation(app.http, "brief")
         usages, refused = await chat_until_refused(app, conversation["id"])
-        assert_used_up_exactly_when_due(usages, QUOTA)
+        assert_used_up_exactly_when_due(app, usages, refused, QUOTA)
         assert_quota_refused(refused, "monthly", QUOTA)
         # Days later in the same month: still used up.
         clock.advance(timedelta(days=15))
@@ -201,8 +218,9 @@ async def test_a_new_day_starts_a_fresh_daily_window(
         assert_quota_refused(await app.post(conversation["id"], "not yet"), "daily", QUOTA)
         clock.advance(timedelta(seconds=2))  # the next day
         assert await app.used() == {"daily": 0, "monthly": sum(first_day)}
-        second_day, refused = await chat_until_refused(app, conversation["id"])
-        assert_used_up_exactly_when_due(second_day, QUOTA)
+        # A new conversation: this one's history has grown past what two turns of the day can fit.
+        second_day, refused = await chat_until_refused(app, (await create_conversation(app.http, "brief"))["id"])
+        assert_used_up_exactly_when_due(app, second_day, refused, QUOTA)
         assert_quota_refused(refused, "daily", QUOTA)
         assert await app.used() == {"daily": sum(second_day), "monthly": sum(first_day) + sum(second_day)}
 
@@ -298,7 +316,7 @@ async def test_the_quota_holds_while_redis_is_down(
         first = (await app.post(conversation["id"], "before the outage")).json()["usage"]["total_tokens"]
         await private_redis.stop()
         usages, refused = await chat_until_refused(app, conversation["id"])
-        assert_used_up_exactly_when_due([first, *usages], QUOTA)
+        assert_used_up_exactly_when_due(app, [first, *usages], refused, QUOTA)
         assert_quota_refused(refused, "daily", QUOTA)
         assert await app.used() == {"daily": first + sum(usages)}
         expected: list[tuple[str, str]] = []

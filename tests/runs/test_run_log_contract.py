@@ -162,3 +162,28 @@ async def test_the_redis_stream_is_batched_capped_and_expires_after_the_end(redi
         assert 0 < await backend.client.pttl(stream) <= 30_000
     finally:
         await backend.aclose()
+
+
+async def test_the_in_process_log_hands_a_follower_what_is_there_in_one_batch() -> None:
+    """A model faster than the follower: the events that are there when the follower wakes up come
+    as one list (the response writes them in one go), then each new event as it comes."""
+    log = MemoryRunLog(ttl_seconds=TTL)
+    log.append(5, reply_events("a ", "b ", "c ", message_id=5))
+    batches: list[list[RunEvent]] = []
+
+    async def follow() -> None:
+        async for batch in log.follow_batches(5, -1, stall_seconds=DEADLINE):
+            batches.append(batch)
+
+    follower = asyncio.create_task(follow())
+    try:
+        await wait_for(lambda: len(batches) == 1, timeout=DEADLINE, what="the stored events")
+        assert [e.kind for e in batches[0]] == ["message", "token", "token", "token"]
+        log.append(5, [RunEvent("token", 6, "d ")])
+        log.append(5, [done("a b c d ")])
+        async with asyncio.timeout(DEADLINE):
+            await follower
+    finally:
+        follower.cancel()
+    assert [[e.kind for e in batch] for batch in batches[1:]] == [["token", "done"]]
+    assert text_of([e for batch in batches for e in batch]) == "a b c d "
