@@ -41,9 +41,10 @@ from tests.conftest import make_settings
 from tests.support.api import assert_error, chat, create_conversation, running_server
 from tests.support.conversation import (
     DEADLINE,
+    Pair,
+    Transcript,
     buffered,
     chat_stream,
-    expected_window,
     message_reads,
     messages_url,
     next_event,
@@ -119,6 +120,10 @@ RESTART_AFTER = 30
 DOWN_FOR = 2  # turns served while Redis is stopped
 
 
+def message(turn: int) -> str:
+    return f"Message {turn}: what do you make of the number {turn}?"
+
+
 async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_lose_nothing(
     database_url: str, tmp_path: Path, redis_server: RedisProcess
 ):
@@ -135,7 +140,9 @@ async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_l
         conversation_id = (await create_conversation(clients[0]))["id"]
         buffer_key = keys.conversation_buffer(uuid.UUID(conversation_id))
 
-        served: list[tuple[int, list[ChatMessage], dict[str, Any]]] = []  # instance, prompt, done payload
+        transcript = Transcript(WINDOW)
+        # instance, prompt, done payload, the window the client expects that prompt to hold
+        served: list[tuple[int, list[ChatMessage], dict[str, Any], list[Pair]]] = []
         sent: list[str] = []
         for turn in range(1, TURNS + 1):
             if turn == FLUSH_AFTER + 1:
@@ -152,10 +159,10 @@ async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_l
             which = turn % 2
             provider = instances[which].provider
             before = len(provider.prompts)
-            content = f"Message {turn}: what do you make of the number {turn}?"
-            done = await chat(clients[which], conversation_id, content)  # asserts 200, even while Redis is down
+            content = message(turn)
+            done, window = await transcript.chat(clients[which], conversation_id, content)  # 200 even with Redis down
             assert done["content"] == f"You said: {content}"
-            served.append((which, last_prompt_after(provider, before), done))
+            served.append((which, last_prompt_after(provider, before), done, window))
             sent.append(content)
 
         assert sum(len(instance.provider.prompts) for instance in instances) == TURNS
@@ -168,7 +175,7 @@ async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_l
             pair for content in sent for pair in (("user", content), ("assistant", f"You said: {content}"))
         ]
         assert {m["status"] for m in history} == {"complete"}
-        for index, (_, _, done) in enumerate(served):
+        for index, (_, _, done, _) in enumerate(served):
             assert (history[2 * index]["id"], history[2 * index + 1]["id"]) == (
                 done["user_message_id"],
                 done["message_id"],
@@ -182,8 +189,7 @@ async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_l
         base = served[0][1][0].content
         assert base.startswith("You are Elara") and "Summary" not in base
         with_summary = 0
-        for turn, (which, prompt, done) in enumerate(served, start=1):
-            window = expected_window(history, done["user_message_id"], WINDOW)
+        for turn, (which, prompt, _, window) in enumerate(served, start=1):
             assert pairs(prompt[1:]) == window, f"turn {turn} on instance {which} had the wrong recent messages"
             assert prompt[0].role == "system" and prompt[0].content == base
             summary = prompt_summary(prompt)
@@ -195,6 +201,21 @@ async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_l
                 f"turn {turn}: the summary in the prompt is not one written for messages before the window"
             )
         assert with_summary, "no prompt carried the running summary"
+        # Written out for two turns: with SHORT_TERM_MEMORY_SIZE=6, turn 2's prompt holds all three
+        # messages so far, and turn 50's holds turn 47's reply, turns 48 and 49, and turn 50.
+        assert pairs(served[1][1][1:]) == [
+            ("user", message(1)),
+            ("assistant", f"You said: {message(1)}"),
+            ("user", message(2)),
+        ]
+        assert pairs(served[-1][1][1:]) == [
+            ("assistant", f"You said: {message(47)}"),
+            ("user", message(48)),
+            ("assistant", f"You said: {message(48)}"),
+            ("user", message(49)),
+            ("assistant", f"You said: {message(49)}"),
+            ("user", message(50)),
+        ]
 
         # Redis is back, and the buffer in it is the conversation's newest messages, each once.
         assert [(m["id"], m["role"], m["content"]) for m in await redis_buffer(redis_server.url, conversation_id)] == [
@@ -206,13 +227,9 @@ async def test_fifty_turns_on_two_instances_through_flushall_and_redis_restart_l
 # --- 2. the buffer is rebuilt from the database on any miss --------------------------------------
 
 
-async def warm_up(client: httpx.AsyncClient, conversation_id: str, turns: int) -> list[str]:
-    sent = []
+async def warm_up(client: httpx.AsyncClient, conversation_id: str, turns: int, transcript: Transcript) -> None:
     for turn in range(1, turns + 1):
-        content = f"Early message {turn}."
-        await chat(client, conversation_id, content)
-        sent.append(content)
-    return sent
+        await transcript.chat(client, conversation_id, f"Early message {turn}.")
 
 
 @pytest.mark.parametrize("miss", ["flushall", "key-deleted", "ttl-expired", "restart"])
@@ -225,7 +242,8 @@ async def test_after_a_redis_miss_the_buffer_is_rebuilt_from_the_database(
         client = await stack.enter_async_context(a.client((await a.services.users.create("alice")).api_key))
         conversation_id = (await create_conversation(client))["id"]
         buffer_key = keys.conversation_buffer(uuid.UUID(conversation_id))
-        await warm_up(client, conversation_id, 4)
+        transcript = Transcript(WINDOW)
+        await warm_up(client, conversation_id, 4, transcript)
         assert len(await redis_buffer(redis_server.url, conversation_id)) == WINDOW
 
         if miss == "flushall":
@@ -249,14 +267,18 @@ async def test_after_a_redis_miss_the_buffer_is_rebuilt_from_the_database(
 
         before = len(a.provider.prompts)
         with message_reads(a.services) as reads:
-            done = await chat(client, conversation_id, "What did I tell you before?")
+            _, window = await transcript.chat(client, conversation_id, "What did I tell you before?")
         prompt = last_prompt_after(a.provider, before)
         history = await paged_history(client, conversation_id)
-        window = expected_window(history, done["user_message_id"], WINDOW)
+        assert window == [
+            ("assistant", "You said: Early message 2."),
+            ("user", "Early message 3."),
+            ("assistant", "You said: Early message 3."),
+            ("user", "Early message 4."),
+            ("assistant", "You said: Early message 4."),
+            ("user", "What did I tell you before?"),
+        ]
         assert pairs(prompt[1:]) == window
-        assert window[:2] == [("assistant", "You said: Early message 2."), ("user", "Early message 3.")], (
-            "no earlier turns"
-        )
         assert reads.by_turns, "the history did not come from the database: no miss was tested"
 
         if miss == "restart":
@@ -267,11 +289,8 @@ async def test_after_a_redis_miss_the_buffer_is_rebuilt_from_the_database(
         # ... and the next turn is served from it.
         before = len(a.provider.prompts)
         with message_reads(a.services) as reads:
-            done = await chat(client, conversation_id, "And now?")
-        history = await paged_history(client, conversation_id)
-        assert pairs(last_prompt_after(a.provider, before)[1:]) == expected_window(
-            history, done["user_message_id"], WINDOW
-        )
+            _, window = await transcript.chat(client, conversation_id, "And now?")
+        assert pairs(last_prompt_after(a.provider, before)[1:]) == window
         assert reads.by_turns == []
 
 
@@ -284,7 +303,8 @@ async def test_in_process_buffer_is_rebuilt_after_an_app_restart(database_url: s
                 base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
             ) as client:
                 conversation_id = (await create_conversation(client))["id"]
-                await warm_up(client, conversation_id, 4)
+                transcript = Transcript(WINDOW)
+                await warm_up(client, conversation_id, 4, transcript)
                 assert len(await buffered(server.app.state.services, None, conversation_id)) == WINDOW
 
         provider = ScriptedProvider()
@@ -295,10 +315,9 @@ async def test_in_process_buffer_is_rebuilt_after_an_app_restart(database_url: s
                 base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
             ) as client:
                 with message_reads(services) as reads:
-                    done = await chat(client, conversation_id, "Do you remember me?")
+                    _, window = await transcript.chat(client, conversation_id, "Do you remember me?")
                 assert reads.by_turns, "the history did not come from the database"
                 history = await paged_history(client, conversation_id)
-                window = expected_window(history, done["user_message_id"], WINDOW)
                 assert pairs(last_prompt_after(provider, 0)[1:]) == window
                 assert window[:2] == [("assistant", "You said: Early message 2."), ("user", "Early message 3.")], (
                     "no earlier turns"
@@ -328,32 +347,40 @@ async def test_a_turn_served_while_redis_was_down_is_in_the_next_prompt_when_red
             for client in (ca, cb):
                 await stack.enter_async_context(client)
             conversation_id = (await create_conversation(ca))["id"]
-            await warm_up(cb, conversation_id, 3)
+            transcript = Transcript(WINDOW)
+            await warm_up(cb, conversation_id, 3, transcript)
             stale = await redis_buffer(redis_server.url, conversation_id)
             assert len(stale) == WINDOW
 
             await redis_server.stop(kill=True)
-            await chat(ca, conversation_id, "Said while Redis was down.")  # stored; the buffer could not follow
+            # Stored; the buffer could not follow.
+            await transcript.chat(ca, conversation_id, "Said while Redis was down.")
             await redis_server.start()
             assert await redis_buffer(redis_server.url, conversation_id) == stale, "Redis lost its data"
 
             instance, client = (b, cb) if next_on == "other-instance" else (a, ca)
             before = len(instance.provider.prompts)
-            done = await chat(client, conversation_id, "Do you remember what I said?")
-            history = await paged_history(ca, conversation_id)
+            _, window = await transcript.chat(client, conversation_id, "Do you remember what I said?")
             prompt = last_prompt_after(instance.provider, before)
-            assert ("user", "Said while Redis was down.") in pairs(prompt), "the prompt lost a message"
-            assert pairs(prompt[1:]) == expected_window(history, done["user_message_id"], WINDOW)
+            assert window == [
+                ("assistant", "You said: Early message 2."),
+                ("user", "Early message 3."),
+                ("assistant", "You said: Early message 3."),
+                ("user", "Said while Redis was down."),
+                ("assistant", "You said: Said while Redis was down."),
+                ("user", "Do you remember what I said?"),
+            ]
+            assert pairs(prompt[1:]) == window
 
             # Once both instances have recovered, the buffer is whole again and serves the next turns.
             for instance in (a, b):
                 await wait_for(partial(redis_ok, instance), timeout=DEADLINE, what="Redis to be ok again")
             for instance, client in ((a, ca), (b, cb)):
                 before = len(instance.provider.prompts)
-                done = await chat(client, conversation_id, f"Still there, {instance.base_url}?")
-                history = await paged_history(ca, conversation_id)
+                _, window = await transcript.chat(client, conversation_id, f"Still there, {instance.base_url}?")
                 prompt = last_prompt_after(instance.provider, before)
-                assert pairs(prompt[1:]) == expected_window(history, done["user_message_id"], WINDOW)
+                assert pairs(prompt[1:]) == window
+            history = await paged_history(ca, conversation_id)
             assert [m["id"] for m in await redis_buffer(redis_server.url, conversation_id)] == [
                 m["id"] for m in history[-WINDOW:]
             ]
@@ -376,18 +403,25 @@ async def test_a_turn_served_by_an_instance_cut_off_from_redis_is_in_the_next_pr
             ca = await stack.enter_async_context(httpx.AsyncClient(base_url=a.base_url, headers=headers, timeout=30))
             cb = await stack.enter_async_context(httpx.AsyncClient(base_url=b.base_url, headers=headers, timeout=30))
             conversation_id = (await create_conversation(ca))["id"]
-            await warm_up(ca, conversation_id, 3)
+            transcript = Transcript(WINDOW)
+            await warm_up(ca, conversation_id, 3, transcript)
             assert len(await redis_buffer(redis_server.url, conversation_id)) == WINDOW
 
             await proxy.stop()
-            await chat(ca, conversation_id, "Said while A could not reach Redis.")
+            await transcript.chat(ca, conversation_id, "Said while A could not reach Redis.")
             assert len(provider_a.prompts) == 4
 
-            done = await chat(cb, conversation_id, "Do you remember what I said?")
-            history = await paged_history(cb, conversation_id)
+            _, window = await transcript.chat(cb, conversation_id, "Do you remember what I said?")
             prompt = last_prompt_after(provider_b, 0)
-            assert ("user", "Said while A could not reach Redis.") in pairs(prompt), "the prompt lost a message"
-            assert pairs(prompt[1:]) == expected_window(history, done["user_message_id"], WINDOW)
+            assert window == [
+                ("assistant", "You said: Early message 2."),
+                ("user", "Early message 3."),
+                ("assistant", "You said: Early message 3."),
+                ("user", "Said while A could not reach Redis."),
+                ("assistant", "You said: Said while A could not reach Redis."),
+                ("user", "Do you remember what I said?"),
+            ]
+            assert pairs(prompt[1:]) == window
             await proxy.start()
     finally:
         await proxy.stop()
@@ -403,16 +437,22 @@ async def test_in_process_buffers_of_two_instances_sharing_a_database_never_miss
         key = (await instances[0].services.users.create("alice")).api_key
         clients = [await stack.enter_async_context(instance.client(key)) for instance in instances]
         conversation_id = (await create_conversation(clients[0]))["id"]
-        served: list[tuple[list[ChatMessage], dict[str, Any]]] = []
+        transcript = Transcript(WINDOW)
         for turn in range(1, 11):
             which = 0 if turn % 3 else 1  # runs of two turns on one instance, so both buffers get warm
             before = len(instances[which].provider.prompts)
-            done = await chat(clients[which], conversation_id, f"Message {turn}.")
-            served.append((last_prompt_after(instances[which].provider, before), done))
-        history = await paged_history(clients[0], conversation_id)
-        assert len(history) == 20
-        for turn, (prompt, done) in enumerate(served, start=1):
-            assert pairs(prompt[1:]) == expected_window(history, done["user_message_id"], WINDOW), f"turn {turn}"
+            _, window = await transcript.chat(clients[which], conversation_id, f"Message {turn}.")
+            assert pairs(last_prompt_after(instances[which].provider, before)[1:]) == window, f"turn {turn}"
+        assert pairs(await paged_history(clients[0], conversation_id)) == transcript.said
+        # Turn 10 (on the first instance, whose buffer last saw turn 8): turns 8 and 9 in full.
+        assert window == [
+            ("assistant", "You said: Message 7."),
+            ("user", "Message 8."),
+            ("assistant", "You said: Message 8."),
+            ("user", "Message 9."),
+            ("assistant", "You said: Message 9."),
+            ("user", "Message 10."),
+        ]
 
 
 # --- 3. a warm buffer serves the history ---------------------------------------------------------
@@ -435,11 +475,12 @@ async def test_a_warm_buffer_serves_the_history_without_selecting_messages(
             conversation_id = (await create_conversation(clients[0]))["id"]
             services = [instance.services for instance in instances]
 
+            transcript = Transcript(WINDOW)
             with message_reads(*services) as reads:
-                await chat(clients[0], conversation_id, "The first message.")
+                await transcript.chat(clients[0], conversation_id, "The first message.")
             assert reads.by_turns, "the first turn found a buffer: nothing would be proved"
 
-            turns: list[tuple[int, int, dict[str, Any]]] = []
+            turns: list[tuple[int, int, list[Pair]]] = []  # instance, its prompt's index, the expected window
             with message_reads(*services) as reads:
                 for turn in range(2, 10):
                     which = turn % count
@@ -447,22 +488,22 @@ async def test_a_warm_buffer_serves_the_history_without_selecting_messages(
                     before = len(provider.prompts)
                     content = f"Warm message {turn}."
                     if turn % 3 == 0:  # streamed turns too: their progress is saved while they stream
+                        window = transcript.send(content)
                         events = await chat_stream(clients[which], conversation_id, content)
                         assert events[-1].event == "done"
-                        done = events[-1].json()
+                        transcript.receive("".join(e.json()["text"] for e in events if e.event == "token"))
                     else:
-                        done = await chat(clients[which], conversation_id, content)
+                        _, window = await transcript.chat(clients[which], conversation_id, content)
                     last_prompt_after(provider, before)
-                    turns.append((which, before, done))
+                    turns.append((which, before, window))
                 for instance in instances:
                     await instance.services.summarizer.wait_idle()
             assert reads.by_turns == [], "a warm turn read messages from the database"
             assert reads.by_summarizer, "the summarizer never ran: the window did not slide"
 
-            history = await paged_history(clients[0], conversation_id)
-            for which, index, done in turns:
-                prompt = instances[which].provider.prompts[index]
-                assert pairs(prompt[1:]) == expected_window(history, done["user_message_id"], WINDOW)
+            for which, index, window in turns:
+                assert pairs(instances[which].provider.prompts[index][1:]) == window
+            assert pairs(await paged_history(clients[0], conversation_id)) == transcript.said
 
 
 # --- 4. streamed replies in the buffer -----------------------------------------------------------
@@ -493,7 +534,7 @@ async def test_a_streamed_reply_is_in_the_buffer_once_with_its_full_text(
     async with asyncio.timeout(TEST_BUDGET), running_instances(settings, count=1) as (a,), AsyncExitStack() as stack:
         client = await stack.enter_async_context(a.client((await a.services.users.create("alice")).api_key))
         conversation_id = (await create_conversation(client))["id"]
-        await warm_up(client, conversation_id, 2)
+        await warm_up(client, conversation_id, 2, Transcript(WINDOW))
 
         gate = asyncio.Semaphore(0)
         words = ["Streams ", "arrive ", "word ", "by ", "word."]
@@ -552,8 +593,10 @@ async def test_a_reply_cut_short_by_a_stop_is_in_the_buffer_with_its_partial_tex
             key = (await instances[0].services.users.create("alice")).api_key
             clients = [await stack.enter_async_context(instance.client(key)) for instance in instances]
             conversation_id = (await create_conversation(clients[0]))["id"]
-            await warm_up(clients[0], conversation_id, 1)
+            transcript = Transcript(WINDOW)
+            await warm_up(clients[0], conversation_id, 2, transcript)  # 7 messages by the last turn: the window slides
             instances[0].provider.queue(ScriptedReply("Once upon a time there was", hang_after=3))
+            transcript.send("Tell me a story")
 
             async with asyncio.timeout(DEADLINE):
                 response = await open_stream(clients[0], conversation_id, "Tell me a story")
@@ -563,6 +606,7 @@ async def test_a_reply_cut_short_by_a_stop_is_in_the_buffer_with_its_partial_tex
                 assert first.event == "message"
                 seen = [(await next_event(events)).json()["text"] for _ in range(3)]
                 assert seen == ["Once ", "upon ", "a "]
+                transcript.receive("".join(seen))
                 # The model hangs: stop the reply (through the other instance, when there are two).
                 message_id = first.json()["message_id"]
                 stopped = await clients[-1].post(f"/v1/conversations/{conversation_id}/messages/{message_id}/stop")
@@ -583,12 +627,21 @@ async def test_a_reply_cut_short_by_a_stop_is_in_the_buffer_with_its_partial_tex
 
             provider = instances[-1].provider
             before = len(provider.prompts)
-            done = await chat(clients[-1], conversation_id, "Go on")
+            _, window = await transcript.chat(clients[-1], conversation_id, "Go on")
             prompt = last_prompt_after(provider, before)
             history = await paged_history(clients[0], conversation_id)
-            assert pairs(prompt[1:]) == expected_window(history, done["user_message_id"], WINDOW)
-            assert pairs(prompt[-2:]) == [("assistant", "Once upon a "), ("user", "Go on")]
+            assert window == [
+                ("assistant", "You said: Early message 1."),
+                ("user", "Early message 2."),
+                ("assistant", "You said: Early message 2."),
+                ("user", "Tell me a story"),
+                ("assistant", "Once upon a "),
+                ("user", "Go on"),
+            ]
+            assert pairs(prompt[1:]) == window
             assert [m["status"] for m in history] == [
+                "complete",
+                "complete",
                 "complete",
                 "complete",
                 "complete",
@@ -687,10 +740,12 @@ async def test_a_message_that_waits_too_long_gets_409_and_nothing_is_stored(
             key = (await first.services.users.create("alice")).api_key
             clients = [await stack.enter_async_context(instance.client(key)) for instance in instances]
             conversation_id = (await create_conversation(clients[0]))["id"]
-            await warm_up(clients[0], conversation_id, 1)
+            transcript = Transcript(WINDOW)
+            await warm_up(clients[0], conversation_id, 2, transcript)  # 7 messages by the last turn: the window slides
 
             gate = asyncio.Semaphore(0)
             first.provider.queue(ScriptedReply("A slow and steady reply.", gate=gate))
+            transcript.send("Take your time")
             task = open_stream(clients[0], conversation_id, "Take your time")
             gate.release()
             async with asyncio.timeout(DEADLINE):
@@ -718,18 +773,29 @@ async def test_a_message_that_waits_too_long_gets_409_and_nothing_is_stored(
                 await response.aclose()
             assert [e.event for e in rest][-1] == "done"
             assert rest[-1].json()["content"] == "A slow and steady reply."
+            transcript.receive("A " + "".join(e.json()["text"] for e in rest if e.event == "token"))
 
             history = await paged_history(clients[0], conversation_id)
             assert [(m["content"], m["status"]) for m in history] == [
                 ("Early message 1.", "complete"),
                 ("You said: Early message 1.", "complete"),
+                ("Early message 2.", "complete"),
+                ("You said: Early message 2.", "complete"),
                 ("Take your time", "complete"),
                 ("A slow and steady reply.", "complete"),
             ]
-            # The conversation is free again, and the next turn sees the whole exchange.
-            done = await chat(clients[-1], conversation_id, "Now then")
-            history = await paged_history(clients[0], conversation_id)
-            assert pairs(second.provider.prompts[-1][1:]) == expected_window(history, done["user_message_id"], WINDOW)
+            # The conversation is free again, and the next turn sees the whole exchange (and none of
+            # the refused messages).
+            _, window = await transcript.chat(clients[-1], conversation_id, "Now then")
+            assert window == [
+                ("assistant", "You said: Early message 1."),
+                ("user", "Early message 2."),
+                ("assistant", "You said: Early message 2."),
+                ("user", "Take your time"),
+                ("assistant", "A slow and steady reply."),
+                ("user", "Now then"),
+            ]
+            assert pairs(second.provider.prompts[-1][1:]) == window
 
 
 # --- 6. bad input leaves the buffer alone --------------------------------------------------------
@@ -761,7 +827,8 @@ async def test_bad_input_leaves_the_buffer_and_the_history_unchanged(
     async with asyncio.timeout(TEST_BUDGET), running_instances(settings, count=1) as (a,), AsyncExitStack() as stack:
         client = await stack.enter_async_context(a.client((await a.services.users.create("alice")).api_key))
         conversation_id = (await create_conversation(client))["id"]
-        await warm_up(client, conversation_id, 2)
+        transcript = Transcript(WINDOW)
+        await warm_up(client, conversation_id, 3, transcript)  # 7 messages by the last turn: the window slides
         history = await paged_history(client, conversation_id)
         entries = await buffered(a.services, redis_url, conversation_id)
         assert ids_once(entries) == [m["id"] for m in history]
@@ -780,9 +847,15 @@ async def test_bad_input_leaves_the_buffer_and_the_history_unchanged(
                     assert len(a.provider.prompts) == prompts, "the model was called"
 
         # The buffer still works: the next good turn sees exactly the history.
-        done = await chat(client, conversation_id, "A good message at last.")
+        _, window = await transcript.chat(client, conversation_id, "A good message at last.")
         history = await paged_history(client, conversation_id)
-        assert pairs(last_prompt_after(a.provider, prompts)[1:]) == expected_window(
-            history, done["user_message_id"], WINDOW
-        )
+        assert window == [
+            ("assistant", "You said: Early message 1."),
+            ("user", "Early message 2."),
+            ("assistant", "You said: Early message 2."),
+            ("user", "Early message 3."),
+            ("assistant", "You said: Early message 3."),
+            ("user", "A good message at last."),
+        ]
+        assert pairs(last_prompt_after(a.provider, prompts)[1:]) == window
         assert ids_once(await buffered(a.services, redis_url, conversation_id)) == [m["id"] for m in history[-WINDOW:]]

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from companion.app import create_app
 from companion.config import Settings
 from companion.errors import ProviderError, ProviderTimeout
-from companion.llm.base import ChatMessage, Chunk, GenerationParams, Usage, estimate_tokens
+from companion.llm.base import ChatMessage, Chunk, GenerationParams, Usage
 from companion.llm.openai_compat import OpenAICompatibleProvider
 from companion.llm.scripted import ScriptedProvider, ScriptedReply
 from tests.support.live import LiveServer, iter_sse, wait_for
@@ -198,7 +198,9 @@ def assert_error_body(response: httpx.Response, status: int, code: str) -> dict[
 
 
 async def test_streams_chunks_and_usage_from_the_upstream(upstream: Upstream):
-    upstream.provider.queue("Hello from upstream.")
+    # The upstream reports a prompt size of its own (no estimate could give it), so that the usage
+    # below is seen to be the upstream's figure, passed through.
+    upstream.provider.queue(ScriptedReply("Hello from upstream.", prompt_tokens=4321))
     async with openai_provider(upstream.base_url, api_key=upstream.api_key) as provider:
         chunks = await collect(provider)
 
@@ -209,7 +211,7 @@ async def test_streams_chunks_and_usage_from_the_upstream(upstream: Upstream):
     assert last.finish_reason == "stop"
     # The usage is the upstream's own count, passed through (stream_options include_usage).
     upstream_prompt = upstream.provider.prompts[0]
-    assert last.usage == Usage(sum(estimate_tokens(m.content) for m in upstream_prompt), 3)
+    assert last.usage == Usage(4321, 3)
     # What the upstream received: our newest user message, max_tokens and temperature.
     assert upstream_prompt[-1] == ChatMessage("user", "Hi upstream")
     assert upstream.provider.params[0].max_tokens == PARAMS.max_tokens
@@ -371,7 +373,8 @@ def provider_for(base_url: str, **kwargs: Any) -> OpenAICompatibleProvider:
 
 
 async def test_app_chats_through_the_upstream_over_native_sse(settings: Settings, upstream: Upstream):
-    upstream.provider.queue("Hello through the upstream.", "Second answer.")
+    # The upstream's own prompt size (no estimate could give it) must be what the app reports.
+    upstream.provider.queue(ScriptedReply("Hello through the upstream.", prompt_tokens=4321), "Second answer.")
     provider = provider_for(upstream.base_url, api_key=upstream.api_key)
     async with app_with(settings, provider) as client:
         health = (await client.get("/health")).json()
@@ -391,12 +394,7 @@ async def test_app_chats_through_the_upstream_over_native_sse(settings: Settings
         done = events[-1].json()
         assert done["content"] == "Hello through the upstream."
         assert done["finish_reason"] == "stop"
-        upstream_prompt_tokens = sum(estimate_tokens(m.content) for m in upstream.provider.prompts[0])
-        assert done["usage"] == {
-            "prompt_tokens": upstream_prompt_tokens,
-            "completion_tokens": 4,
-            "total_tokens": upstream_prompt_tokens + 4,
-        }
+        assert done["usage"] == {"prompt_tokens": 4321, "completion_tokens": 4, "total_tokens": 4325}
         assert upstream.provider.prompts[0][-1] == ChatMessage("user", "Hi there")
 
         # The same chain through the app's own OpenAI-compatible API and the stock client.

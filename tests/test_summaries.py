@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +25,7 @@ from companion.services import Services
 from companion.storage.models import ConversationSummary, Message
 from tests.conftest import make_settings
 from tests.support.api import chat, create_conversation
-from tests.support.conversation import expected_window, paged_history, pairs, prompt_summary
+from tests.support.conversation import Pair, Transcript, paged_history, pairs, prompt_summary
 from tests.support.instances import running_instances
 from tests.support.redis_proc import RedisProcess, running_redis
 
@@ -148,9 +147,11 @@ async def test_the_newest_summary_reaches_the_next_prompt(
             await a.wait_channel_connected()
         async with a.client((await a.services.users.create("alice")).api_key) as client:
             conversation_id = (await create_conversation(client))["id"]
-            done: list[dict[str, Any]] = []
+            transcript = Transcript(WINDOW)
+            windows: list[list[Pair]] = []  # what each turn's prompt must hold, from what the client saw
             for turn in range(1, 8):
-                done.append(await chat(client, conversation_id, said(turn)))
+                _, window = await transcript.chat(client, conversation_id, said(turn))
+                windows.append(window)
                 await a.services.summarizer.wait_idle()
             history = await paged_history(client, conversation_id)
             rows = await summary_rows(a.services, conversation_id)
@@ -159,8 +160,15 @@ async def test_the_newest_summary_reaches_the_next_prompt(
     assert len(prompts) == 7
     base = prompts[0][0].content
     assert base.startswith("You are Elara") and "Summary" not in base
-    for turn, (prompt, reply) in enumerate(zip(prompts, done, strict=True), start=1):
-        assert pairs(prompt[1:]) == expected_window(history, reply["user_message_id"], WINDOW)
+    # With SHORT_TERM_MEMORY_SIZE=4, turn 7's prompt holds turn 5's reply, turn 6 and turn 7.
+    assert pairs(prompts[-1][1:]) == [
+        ("assistant", f"You said: {said(5)}"),
+        ("user", said(6)),
+        ("assistant", f"You said: {said(6)}"),
+        ("user", said(7)),
+    ]
+    for turn, (prompt, window) in enumerate(zip(prompts, windows, strict=True), start=1):
+        assert pairs(prompt[1:]) == window, f"turn {turn}"
         assert prompt[0].content == base, f"turn {turn}: the system message changed"
         if turn <= 3:
             assert prompt_summary(prompt) is None, f"turn {turn} had a summary before any message left the window"

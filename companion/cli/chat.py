@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
 import sys
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,7 +85,7 @@ def run_chat(
     cancelling that reply (the service keeps what was written: `incomplete` embedded, `stopped` through
     --url, where the reply runs apart from the connection and is asked to stop) and a KeyboardInterrupt.
     """
-    with asyncio.Runner() as runner:
+    with asyncio.Runner() as runner, _signals_wake(runner.get_loop()):
         try:
             try:
                 runner.run(backend.start())
@@ -119,6 +121,47 @@ def run_chat(
                     print("(reply stopped; what was written so far is kept)", flush=True)
         finally:
             runner.run(backend.aclose())
+
+
+@contextmanager
+def _signals_wake(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Make a signal wake `loop` from its sleep in select().
+
+    `asyncio.Runner` handles Ctrl-C with a plain `signal.signal` handler, and Python runs such a
+    handler only when the main thread next runs Python code. A SIGINT that arrives after the loop's
+    last look and before it blocks in select() (the moment the GIL is handed to other threads) is
+    noticed only when something else wakes the loop: while a remote model hangs, nothing does, and
+    the reply could not be stopped. A wakeup fd (what asyncio's own `add_signal_handler` sets up,
+    which the Runner's handler does not use) makes the signal itself end that sleep.
+    """
+    receive, send = socket.socketpair()
+    receive.setblocking(False)
+    send.setblocking(False)
+    try:
+        try:
+            loop.add_reader(receive.fileno(), _drain, receive)
+        except NotImplementedError:  # a loop without readers (Windows' proactor sets its own wakeup fd)
+            yield
+            return
+        try:
+            previous = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+        except ValueError:  # not the main thread, where the Runner handles no Ctrl-C either
+            previous = None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            loop.remove_reader(receive.fileno())
+    finally:
+        receive.close()
+        send.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    with suppress(BlockingIOError, InterruptedError):
+        while sock.recv(4096):
+            pass
 
 
 def _announce(conversation: Conversation, existed: bool) -> None:

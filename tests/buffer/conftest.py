@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.conversations.buffer import ConversationBuffer, MemoryConversationBuffer, RedisConversationBuffer
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, TOPOLOGIES, backend_on
+from tests.support.redis_topologies import TOPOLOGIES, backend_on, contract_backend
 
 MAX = 6
 
@@ -29,7 +29,7 @@ async def redis_backend(buffer_redis: RedisServer) -> AsyncIterator[RedisBackend
     admin = buffer_redis.sync_client()
     admin.flushall()
     admin.close()
-    backend = RedisBackend(make_client(buffer_redis.url), timeout=CONTRACT_TIMEOUT_MS / 1000)
+    backend = contract_backend(buffer_redis.url)
     yield backend
     await backend.aclose()
 
@@ -53,7 +53,7 @@ async def buffer(request: pytest.FixtureRequest, buffer_redis: RedisServer) -> A
         await on_topology.aclose()
         return
     buffer_redis.start()
-    backend = RedisBackend(make_client(buffer_redis.url), timeout=CONTRACT_TIMEOUT_MS / 1000)
+    backend = contract_backend(buffer_redis.url)
     await backend.client.flushall()
     yield RedisConversationBuffer(backend, max_messages=MAX, ttl_seconds=3600)
     await backend.aclose()

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from companion.cache import keys
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.conversations.turns import LocalTurnLock, RedisTurnLock, TurnLock
 from companion.errors import Conflict
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, backend_on
+from tests.support.redis_topologies import backend_on, contract_backend
 
 
 @pytest.fixture
@@ -25,8 +25,8 @@ async def backends(buffer_redis: RedisServer) -> AsyncIterator[tuple[RedisBacken
     # Generous operation timeouts, as the topology fixtures have: on a loaded machine a 250 ms one
     # can run out, and a lock whose Redis call fails falls back to its instance's own lock, which
     # the other instance cannot see (right in an outage; here it would only be the test's load).
-    first = RedisBackend(make_client(buffer_redis.url), timeout=CONTRACT_TIMEOUT_MS / 1000)
-    second = RedisBackend(make_client(buffer_redis.url), timeout=CONTRACT_TIMEOUT_MS / 1000)
+    first = contract_backend(buffer_redis.url)
+    second = contract_backend(buffer_redis.url)
     yield first, second
     await first.aclose()
     await second.aclose()
@@ -154,7 +154,7 @@ async def test_a_crashed_holder_s_lease_expires(backends: tuple[RedisBackend, Re
 
 async def test_redis_down_falls_back_to_this_instance(buffer_redis: RedisServer) -> None:
     buffer_redis.start()
-    backend = RedisBackend(make_client(buffer_redis.url))
+    backend = contract_backend(buffer_redis.url)
     lock = RedisTurnLock(backend, wait_seconds=0.2, lease_seconds=5, poll_seconds=0.005)
     buffer_redis.stop()
     try:

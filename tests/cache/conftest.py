@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.memory import MemoryBackend
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, TOPOLOGIES, backend_on, prepared_topology
+from tests.support.redis_topologies import TOPOLOGIES, backend_on, contract_backend, contract_client, prepared_topology
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A raw client on the private server, to look at what the backends really stored."""
-    client = make_client(redis_url)
+    client = contract_client(redis_url)
     yield client
     await client.aclose()
 
@@ -50,7 +50,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture
 async def redis_backend(redis_url: str) -> AsyncIterator[RedisBackend]:
     """A RedisBackend whose breaker runs on a fake clock (so no test waits for it to reset)."""
-    backend = RedisBackend(make_client(redis_url), breaker=CircuitBreaker(clock=FakeClock()))
+    backend = contract_backend(redis_url, breaker=CircuitBreaker(clock=FakeClock()))
     yield backend
     await backend.aclose()
 
@@ -76,10 +76,8 @@ async def cache_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     url: str = request.getfixturevalue("redis_url")
-    raw = make_client(url)
-    backend = RedisBackend(
-        make_client(url), breaker=CircuitBreaker(clock=FakeClock()), timeout=CONTRACT_TIMEOUT_MS / 1000
-    )
+    raw = contract_client(url)
+    backend = contract_backend(url, breaker=CircuitBreaker(clock=FakeClock()))
     try:
         yield BackendCase(backend, redis=raw, server=server)
     finally:

@@ -18,11 +18,12 @@ from companion.cache.backend import CacheUnavailable
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.codec import ModelCodec
 from companion.cache.memory import MemoryBackend
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import CACHED_NAMESPACES
 from companion.personalities.schemas import PersonalityOut
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import contract_backend
 
 USER = uuid.UUID("00000000-0000-4000-8000-000000000001")
 OTHER = uuid.UUID("00000000-0000-4000-8000-000000000002")
@@ -373,7 +374,7 @@ async def test_a_stopped_server_surfaces_as_cache_unavailable_never_a_redis_erro
     redis_server: RedisServer, redis_url: str
 ) -> None:
     breaker = CircuitBreaker(failure_threshold=1000, clock=FakeClock())  # every call reaches the network
-    backend = RedisBackend(make_client(redis_url), breaker=breaker)
+    backend = contract_backend(redis_url, breaker=breaker)
     try:
         await backend.set(KEY, b"x")  # a pooled connection exists when the server goes
         redis_server.stop()
@@ -421,7 +422,7 @@ async def test_breaker_opens_after_n_failures_and_then_refuses_calls_without_the
 ) -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(failure_threshold=3, reset_seconds=2.0, clock=clock)
-    backend = RedisBackend(make_client(redis_url), breaker=breaker)
+    backend = contract_backend(redis_url, breaker=breaker)
     try:
         redis_server.stop()
         for _ in range(3):
@@ -447,7 +448,7 @@ async def test_breaker_half_opens_after_reset_and_closes_on_a_successful_trial(
 ) -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(failure_threshold=2, reset_seconds=2.0, clock=clock)
-    backend = RedisBackend(make_client(redis_url), breaker=breaker)
+    backend = contract_backend(redis_url, breaker=breaker)
     recoveries: list[str] = []
 
     async def on_recovery() -> None:
@@ -475,7 +476,7 @@ async def test_breaker_half_opens_after_reset_and_closes_on_a_successful_trial(
 async def test_breaker_stays_open_when_the_trial_call_fails(redis_server: RedisServer, redis_url: str) -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(failure_threshold=1, reset_seconds=2.0, clock=clock)
-    backend = RedisBackend(make_client(redis_url), breaker=breaker)
+    backend = contract_backend(redis_url, breaker=breaker)
     try:
         redis_server.stop()
         with pytest.raises(CacheUnavailable):
@@ -501,7 +502,7 @@ async def test_a_cancelled_trial_call_does_not_keep_the_circuit_open_forever(
     """A request cancelled during the half-open trial (a client hanging up) decides nothing."""
     clock = FakeClock()
     breaker = CircuitBreaker(failure_threshold=1, reset_seconds=2.0, clock=clock)
-    backend = RedisBackend(make_client(redis_url), breaker=breaker)
+    backend = contract_backend(redis_url, breaker=breaker)
     try:
         redis_server.stop()
         with pytest.raises(CacheUnavailable):

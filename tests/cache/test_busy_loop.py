@@ -28,6 +28,7 @@ from companion.overload.loop import LoopMonitor
 from tests.cache.helpers import HoldingProxy, Item, ItemCodec, Loader
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, contract_client
 from tests.support.tcp_proxy import TcpProxy
 
 TIMEOUT = 0.25  # REDIS_SOCKET_TIMEOUT_MS's default
@@ -92,8 +93,11 @@ async def test_calls_in_flight_while_the_loop_is_blocked_succeed_and_the_breaker
 
 
 async def test_repeated_stalls_do_not_drop_the_invalidation_channel_or_l1(worker: Worker, redis_url: str) -> None:
-    other = make_client(redis_url)
-    theirs = TieredCache(RedisBackend(other), local=LocalCache(), instance_id="theirs")
+    # Another instance (not the one whose loop stalls): only its invalidation matters, not how fast.
+    other = contract_client(redis_url)
+    theirs = TieredCache(
+        RedisBackend(other, timeout=CONTRACT_TIMEOUT_MS / 1000), local=LocalCache(), instance_id="theirs"
+    )
     try:
         loader = Loader(Item(name="friendly", version=1))
         for round_ in range(4):  # long enough for the pub/sub health check (1 s) to come due

@@ -16,11 +16,12 @@ from companion.cache import keys
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.invalidation import InvalidationListener
 from companion.cache.local import MISSING, LocalCache
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import TieredCache
 from tests.cache.helpers import FakeClock, HoldingProxy, Item, ItemCodec, Loader
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import CONTRACT_TIMEOUT_MS, contract_client
 
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000bb")
 KEY = keys.personality(USER, "friendly")
@@ -47,14 +48,14 @@ async def _close(listener: InvalidationListener) -> None:
 
 
 def _cache(client: aioredis.Redis, name: str) -> TieredCache:
-    backend = RedisBackend(client, breaker=CircuitBreaker(clock=FakeClock()))
+    backend = RedisBackend(client, breaker=CircuitBreaker(clock=FakeClock()), timeout=CONTRACT_TIMEOUT_MS / 1000)
     return TieredCache(backend, local=LocalCache(), instance_id=name)
 
 
 @pytest.fixture
 async def mine(redis_url: str) -> AsyncIterator[Instance]:
     """This instance: a cache whose listener is connected."""
-    client = make_client(redis_url)
+    client = contract_client(redis_url)
     cache = _cache(client, "mine")
     listener = InvalidationListener(client, cache, retry_seconds=0.02, max_retry_seconds=0.1)
     listener.start()
@@ -69,13 +70,13 @@ async def mine(redis_url: str) -> AsyncIterator[Instance]:
 @pytest.fixture
 async def theirs(redis_url: str) -> AsyncIterator[Instance]:
     """Another instance, which writes and invalidates."""
-    client = make_client(redis_url)
+    client = contract_client(redis_url)
     yield Instance(_cache(client, "theirs"))
     await client.aclose()
 
 
 async def test_l1_is_bypassed_until_the_listener_is_subscribed(redis_url: str) -> None:
-    client = make_client(redis_url)
+    client = contract_client(redis_url)
     cache = _cache(client, "mine")
     listener = InvalidationListener(client, cache)
     try:
@@ -187,9 +188,11 @@ async def test_an_invalidation_published_before_redis_confirmed_the_subscription
     a publish reaches no one."""
     proxy = HoldingProxy(redis_server.port, hold=b"SUBSCRIBE")
     await proxy.start()
-    listening = make_client(proxy.url)
-    direct = make_client(redis_url)
-    cache = TieredCache(RedisBackend(direct), local=LocalCache(), instance_id="mine")
+    listening = contract_client(proxy.url)
+    direct = contract_client(redis_url)
+    cache = TieredCache(
+        RedisBackend(direct, timeout=CONTRACT_TIMEOUT_MS / 1000), local=LocalCache(), instance_id="mine"
+    )
     mine = Instance(cache)
     listener = InvalidationListener(listening, cache, retry_seconds=0.02, max_retry_seconds=0.1)
     try:
@@ -211,7 +214,7 @@ async def test_an_invalidation_published_before_redis_confirmed_the_subscription
 
 
 async def test_aclose_stops_the_listener(redis_url: str, redis_client: aioredis.Redis) -> None:
-    client = make_client(redis_url)
+    client = contract_client(redis_url)
     listener = InvalidationListener(client, _cache(client, "mine"))
     listener.start()
     await wait_for(listener.connected.is_set, what="the listener to subscribe")

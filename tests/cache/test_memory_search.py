@@ -13,10 +13,10 @@ from companion.cache import keys
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.codec import ModelCodec
 from companion.cache.memory_search import MemorySearchCache, normalize_query
-from companion.cache.redis import RedisBackend, make_client
 from companion.cache.stats import CacheStats
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import contract_backend
 
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
@@ -153,7 +153,7 @@ async def test_hits_and_misses_are_counted(cache_backend: BackendCase) -> None:
 
 def _redis_cache(url: str, **breaker: object) -> MemorySearchCache:
     options: dict[str, object] = {"clock": FakeClock(), **breaker}
-    backend = RedisBackend(make_client(url), breaker=CircuitBreaker(**options))  # type: ignore[arg-type]
+    backend = contract_backend(url, breaker=CircuitBreaker(**options))  # type: ignore[arg-type]
     return MemorySearchCache(backend, stats=CacheStats())
 
 

@@ -12,10 +12,11 @@ from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.local import LocalCache
-from companion.cache.redis import RedisBackend, make_client
+from companion.cache.redis import RedisBackend
 from companion.cache.tiered import TieredCache
 from tests.cache.helpers import FakeClock, Item, ItemCodec, Loader
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import contract_backend
 
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000cc")
 # What the app needs and no more: its own keys and channel, no KEYS/FLUSHDB/CONFIG/DEBUG...
@@ -23,7 +24,7 @@ APP_ACL = "app on >app-pw ~companion:* &companion:* +@all -@dangerous +info +cli
 
 
 def _backend(url: str) -> RedisBackend:
-    return RedisBackend(make_client(url), breaker=CircuitBreaker(failure_threshold=1000, clock=FakeClock()))
+    return contract_backend(url, breaker=CircuitBreaker(failure_threshold=1000, clock=FakeClock()))
 
 
 async def _exercise(backend: RedisBackend) -> None:
@@ -90,13 +91,12 @@ async def test_an_acl_user_without_dangerous_commands_can_run_everything_the_app
 
 
 async def test_an_acl_user_cannot_touch_keys_outside_companions_prefix(acl_server: RedisServer) -> None:
-    client = make_client(acl_server.url)
+    backend = contract_backend(acl_server.url, breaker=CircuitBreaker(failure_threshold=1000, clock=FakeClock()))
     try:
-        backend = RedisBackend(client, breaker=CircuitBreaker(failure_threshold=1000, clock=FakeClock()))
         with pytest.raises(CacheUnavailable):
             await backend.get("someone-else:key")
     finally:
-        await client.aclose()
+        await backend.aclose()
 
 
 async def test_a_rediss_url_connects_over_tls(tls_server: RedisServer) -> None:

@@ -13,11 +13,11 @@ from companion.cache import keys
 from companion.cache.backend import CacheUnavailable
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.memory import MemoryBackend
-from companion.cache.redis import RedisBackend, make_client
 from companion.errors import Conflict, NotFound
 from companion.sessions.service import RevocationDeferred, SessionService, parse_token
 from tests.cache.helpers import BackendCase, FakeClock
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import contract_backend
 
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
@@ -180,7 +180,7 @@ async def test_list_tidies_expired_sessions_out_of_the_index(cache_backend: Back
 
 
 def _redis_sessions(url: str, fallback: MemoryBackend) -> SessionService:
-    backend = RedisBackend(make_client(url), breaker=CircuitBreaker(clock=FakeClock()))
+    backend = contract_backend(url, breaker=CircuitBreaker(clock=FakeClock()))
     return SessionService(backend, fallback=fallback, ttl_seconds=TTL)
 
 
@@ -222,7 +222,7 @@ async def test_a_session_made_while_redis_was_down_keeps_working_after_it_is_bac
 
 
 async def test_without_a_fallback_an_unreachable_redis_is_reported(redis_server: RedisServer, redis_url: str) -> None:
-    backend = RedisBackend(make_client(redis_url), breaker=CircuitBreaker(clock=FakeClock()))
+    backend = contract_backend(redis_url, breaker=CircuitBreaker(clock=FakeClock()))
     sessions = SessionService(backend, ttl_seconds=TTL)
     try:
         redis_server.stop()
@@ -240,7 +240,7 @@ async def test_a_sign_out_while_redis_is_down_says_so_is_refused_here_and_replay
 ) -> None:
     clock = FakeClock()
     here = SessionService(
-        RedisBackend(make_client(redis_url), breaker=CircuitBreaker(clock=clock)),
+        contract_backend(redis_url, breaker=CircuitBreaker(clock=clock)),
         fallback=MemoryBackend(),
         ttl_seconds=TTL,
     )
@@ -272,7 +272,7 @@ async def test_a_deferred_revocation_is_replayed_by_the_next_session_operation(
 ) -> None:
     clock = FakeClock()
     here = SessionService(
-        RedisBackend(make_client(redis_url), breaker=CircuitBreaker(clock=clock)),
+        contract_backend(redis_url, breaker=CircuitBreaker(clock=clock)),
         fallback=MemoryBackend(),
         ttl_seconds=TTL,
     )

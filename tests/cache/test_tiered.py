@@ -14,11 +14,11 @@ from companion.cache import keys
 from companion.cache.breaker import CircuitBreaker
 from companion.cache.codec import MISS_MARKER
 from companion.cache.local import LocalCache
-from companion.cache.redis import RedisBackend, make_client
 from companion.cache.tiered import MAX_PENDING, Cached, TieredCache
 from tests.cache.helpers import BackendCase, FakeClock, Item, ItemCodec, Loader, RecordingBackend
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import contract_backend
 
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
 KEY = keys.personality(USER, "friendly")
@@ -385,7 +385,7 @@ async def test_an_invalidation_message_also_stops_a_local_load_that_began_before
 
 def redis_cache(url: str, clock: FakeClock | None = None, *, failures: int = 3) -> TieredCache:
     breaker = CircuitBreaker(failure_threshold=failures, reset_seconds=2.0, clock=clock or FakeClock())
-    return TieredCache(RedisBackend(make_client(url), breaker=breaker), local=LocalCache(clock=FakeClock()))
+    return TieredCache(contract_backend(url, breaker=breaker), local=LocalCache(clock=FakeClock()))
 
 
 async def test_with_redis_down_get_or_load_returns_the_loaders_value_and_counts_an_error(

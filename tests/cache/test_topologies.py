@@ -41,7 +41,16 @@ from companion.ratelimit.quotas import TokenQuotas
 from companion.storage.database import Database
 from tests.support.live import wait_for
 from tests.support.redis_server import RedisServer
-from tests.support.redis_topologies import LocalCluster, LocalSentinelSet, free_port, topology_options
+from tests.support.redis_topologies import (
+    CONTRACT_TIMEOUT_MS,
+    LocalCluster,
+    LocalSentinelSet,
+    free_port,
+    topology_options,
+)
+
+# Detection and routing, not speed: the contract suites' timeouts, not the service's 250 ms.
+GENEROUS = {"socket_timeout_ms": CONTRACT_TIMEOUT_MS, "connect_timeout_ms": CONTRACT_TIMEOUT_MS}
 
 
 def _scripts_in_companion() -> set[str]:
@@ -82,7 +91,7 @@ def _on_primaries(cluster: LocalCluster, *command: str) -> list[object]:
 
 
 async def test_auto_detects_a_cluster(redis_cluster: LocalCluster) -> None:
-    topology = make_topology(RedisOptions(url=redis_cluster.url, mode="auto"))
+    topology = make_topology(RedisOptions(url=redis_cluster.url, mode="auto", **GENEROUS))
     try:
         assert isinstance(topology, ClusterTopology)
         assert (await topology.status())["cluster_state"] == "ok"
@@ -92,7 +101,7 @@ async def test_auto_detects_a_cluster(redis_cluster: LocalCluster) -> None:
 
 async def test_auto_takes_a_single_server_as_standalone(redis_server: RedisServer) -> None:
     redis_server.start()
-    topology = make_topology(RedisOptions(url=redis_server.url, mode="auto"))
+    topology = make_topology(RedisOptions(url=redis_server.url, mode="auto", **GENEROUS))
     try:
         assert isinstance(topology, StandaloneTopology)
         assert await topology.status() == {"mode": "standalone"}
@@ -235,7 +244,7 @@ async def test_sentinel_mode_with_a_password_follows_redis_url(tmp_path: Path) -
         options = topology_options("sentinel", sentinels=sentinels)
         assert "s3cret-pw" in options.url
         topology = make_topology(options)
-        backend = RedisBackend(topology.client, topology=topology)
+        backend = RedisBackend(topology.client, topology=topology, timeout=CONTRACT_TIMEOUT_MS / 1000)
         try:
             await backend.set(keys.preferences(uuid.uuid4()), b"{}", 60)
             assert (await backend.describe())["primary"] == f"127.0.0.1:{sentinels.primary_port()}"

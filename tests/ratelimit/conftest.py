@@ -11,7 +11,6 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from companion.cache.redis import RedisBackend, make_client
 from tests.conftest import run_blocking
 from tests.support.redis_proc import RedisProcess
 
@@ -61,13 +60,6 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-@pytest.fixture
-async def redis_backend(redis_url: str) -> AsyncIterator[RedisBackend]:
-    backend = RedisBackend(make_client(redis_url))
-    yield backend
-    await backend.aclose()
 
 
 @pytest.fixture

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from companion.cache.redis import RedisBackend, make_client
 from companion.ratelimit.limiter import MICROS, Decision, Limit, MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from tests.ratelimit.conftest import FakeClock
 from tests.support.live import wait_for
-from tests.support.redis_topologies import TOPOLOGIES, backend_on, prepared_topology
+from tests.support.redis_topologies import TOPOLOGIES, backend_on, contract_backend, prepared_topology
 
 DEADLINE = 10.0
 
@@ -75,7 +74,7 @@ async def case(request: pytest.FixtureRequest) -> AsyncIterator[LimiterCase]:
             await inspector.aclose()
         return
     url: str = request.getfixturevalue("redis_url")
-    backend = RedisBackend(make_client(url))
+    backend = contract_backend(url)
     raw = aioredis.Redis.from_url(url)
     try:
         yield LimiterCase("redis", RedisRateLimiter(backend), redis=raw)
@@ -191,7 +190,7 @@ async def test_keys_and_limits_are_independent(case: LimiterCase):
 
 @pytest.fixture
 async def redis_case(redis_url: str) -> AsyncIterator[LimiterCase]:
-    backend = RedisBackend(make_client(redis_url))
+    backend = contract_backend(redis_url)
     raw = aioredis.Redis.from_url(redis_url)
     try:
         yield LimiterCase("redis", RedisRateLimiter(backend), redis=raw)
@@ -224,7 +223,7 @@ async def test_the_decision_uses_redis_time_not_the_process_clock(
     agree, because the script reads Redis's TIME. (With the Python clock, the skewed one would see
     a fresh window.)"""
     key, control = new_key(), new_key()
-    other = RedisBackend(make_client(redis_url))
+    other = contract_backend(redis_url)
     skewed = RedisRateLimiter(other)
     try:
         honest = [await redis_case.limiter.hit(key, LIMIT) for _ in range(3)]

@@ -1,7 +1,7 @@
 """Helpers for the conversation-buffer and summary tests: the whole history read back through the
-API page by page, the prompt window a turn must have seen (computed from that history), a look at
-the buffer itself (the raw Redis list, or the in-process one), streamed turns in the background, and
-counting the SQL statements that read message rows."""
+API page by page, the client's own transcript (from which a test knows the prompt window a turn
+must have seen), a look at the buffer itself (the raw Redis list, or the in-process one), streamed
+turns in the background, and counting the SQL statements that read message rows."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from companion.conversations.turns import LocalTurnLock, RedisTurnLock
 from companion.llm.base import ChatMessage
 from companion.llm.context import split_context
 from companion.services import Services
+from tests.support.api import chat
 from tests.support.live import SSEEvent, iter_sse
 
 DEADLINE = 10.0  # seconds; generous, only there so that a regression fails instead of hanging
@@ -83,18 +84,34 @@ async def paged_history(client: httpx.AsyncClient, conversation_id: str, *, page
     return messages
 
 
-def in_prompt(message: dict[str, Any]) -> bool:
-    """Whether a stored message belongs in a prompt: a reply still being generated does not, and
-    neither does an empty one; partial replies the user already saw do."""
-    return message["status"] != "streaming" and message["content"] != ""
+@dataclass
+class Transcript:
+    """The conversation as the client itself saw it, oldest first: what the test sent and the reply
+    text it got back (whole, or as far as it read before a stop). A test builds the prompt window it
+    expects from this record and the SHORT_TERM_MEMORY_SIZE it set (`window`, written by hand),
+    never from what the server stored: that would repeat the server's own rule back to it."""
 
+    window: int
+    said: list[Pair] = field(default_factory=list)
 
-def expected_window(history: Sequence[dict[str, Any]], user_message_id: int, size: int) -> list[Pair]:
-    """What the prompt answering `user_message_id` must hold after its system message: the last
-    `size` messages of the conversation up to and including that user message."""
-    upto = [m for m in history if m["id"] <= user_message_id and in_prompt(m)]
-    assert upto and upto[-1]["id"] == user_message_id, "the user message is not in the history"
-    return pairs(upto[-size:])
+    def send(self, content: str) -> list[Pair]:
+        """Record a message the client sends; returns the window its prompt must hold: the newest
+        `window` messages the client has seen, ending with this one."""
+        self.said.append(("user", content))
+        return self.said[-self.window :]
+
+    def receive(self, text: str) -> None:
+        """Record the reply text the client received."""
+        self.said.append(("assistant", text))
+
+    async def chat(
+        self, client: httpx.AsyncClient, conversation_id: str, content: str
+    ) -> tuple[dict[str, Any], list[Pair]]:
+        """One turn (not streamed), recorded; the `done` payload and the window its prompt must hold."""
+        window = self.send(content)
+        done = await chat(client, conversation_id, content)
+        self.receive(done["content"])
+        return done, window
 
 
 # --- the buffer itself ---------------------------------------------------------------------------

@@ -518,6 +518,25 @@ def prepared_topology(kind: str, request: Any) -> Any:
     )
 
 
+def contract_client(url: str, **options: Any) -> Any:
+    """`make_client` with CONTRACT_TIMEOUT_MS for connecting, for a free pool slot and (through
+    its backstop) for a read: for tests of what commands do, never of how fast."""
+    from companion.cache.redis import make_client
+
+    options.setdefault("socket_timeout_ms", CONTRACT_TIMEOUT_MS)
+    options.setdefault("connect_timeout_ms", CONTRACT_TIMEOUT_MS)
+    return make_client(url, **options)
+
+
+def contract_backend(url: str, **backend_options: Any) -> Any:
+    """A `RedisBackend` on a single server (`contract_client`) whose operations may take
+    CONTRACT_TIMEOUT_MS. Tests of timeouts build their own, with the service's 250 ms."""
+    from companion.cache.redis import RedisBackend
+
+    backend_options.setdefault("timeout", CONTRACT_TIMEOUT_MS / 1000)
+    return RedisBackend(contract_client(url), **backend_options)
+
+
 def backend_on(kind: str, request: Any, **backend_options: Any) -> Any:
     """A `RedisBackend` on the session's cluster or sentinel set (emptied first)."""
     from companion.cache.redis import RedisBackend
