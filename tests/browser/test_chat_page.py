@@ -10,10 +10,19 @@ import re
 from collections.abc import Callable
 
 import httpx
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from companion.llm.scripted import ScriptedProvider, ScriptedReply
-from tests.browser.conftest import PHONE, ThreadedServer, send, sign_in, start_chat, wait_ready, wait_until
+from tests.browser.conftest import (
+    PHONE,
+    ThreadedServer,
+    pump_until,
+    send,
+    sign_in,
+    start_chat,
+    wait_ready,
+    wait_until,
+)
 
 REPLY_TOKENS = ["Lovely ", "to ", "meet ", "you, ", "Ana. ", "What ", "brings ", "you ", "here?"]
 
@@ -67,6 +76,53 @@ def test_a_reply_streams_token_by_token_and_the_history_survives_a_reload(
 
     conversation = api.get("/v1/conversations").json()["data"]
     assert len(conversation) == 1 and conversation[0]["personality"] == "elara"
+
+
+def test_a_message_sent_right_after_a_reply_is_not_wiped_by_the_late_refresh_of_the_last_one(
+    page: Page, api_key: str, app_server: ThreadedServer, provider: ScriptedProvider
+) -> None:
+    """After a reply the page fetches the thread again (for ids and tools). When the next message is
+    sent before that list arrives, the late list must not replace the thread, which would drop the
+    reply streaming in (seen in CI: the screenshot test's streaming bubble vanished)."""
+    gate = asyncio.Semaphore(0)
+    second = "".join(REPLY_TOKENS)
+    provider.queue("First reply.", ScriptedReply(second, gate=gate))
+    held: list[Route] = []
+
+    def thread_list(url: str) -> bool:
+        return url.endswith("/messages?limit=100")
+
+    def hold_list(route: Route) -> None:
+        if route.request.method == "GET":
+            held.append(route)
+        else:
+            route.continue_()
+
+    sign_in(page, api_key)
+    start_chat(page, "Elara")
+    page.route(thread_list, hold_list)
+    send(page, "One.")
+    expect(page.locator("#messages li.assistant .text")).to_have_text(["First reply."])
+    pump_until(page, lambda: held, what="the refresh after the first reply")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+    send(page, "Two.")  # the refresh after the first reply is still on its way
+    expect(page.locator("#messages li.assistant").last).to_have_attribute("data-status", "streaming")
+    stale = held.pop()
+    with page.expect_response(lambda response: response.request.url == stale.request.url) as late:
+        stale.continue_()
+    late.value.finished()
+    for _ in REPLY_TOKENS:
+        app_server.call_soon(gate.release)
+    # The refresh after this turn is held too: what shows is what the page streamed, not a reload.
+    pump_until(page, lambda: held, what="the refresh after the second reply")
+    expect(page.locator("#messages li.user .text")).to_have_text(["One.", "Two."])
+    expect(page.locator("#messages li.assistant .text")).to_have_text(["First reply.", second])
+    expect(page.locator("#messages li.assistant").last).to_have_attribute("data-status", "complete")
+
+    held.pop().continue_()
+    page.unroute(thread_list, hold_list)
+    expect(page.locator("#messages li.assistant .regenerate")).to_have_count(2)  # the list with ids
 
 
 def test_user_text_is_shown_as_text_never_as_html(page: Page, api_key: str) -> None:

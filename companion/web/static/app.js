@@ -15,6 +15,7 @@ const state = {
   reply: null, // the reply streaming now: {conversationId, messageId, lastId, ended}
   editing: null, // name of the personality being edited
   promptTokens: 0, // the newest reply's prompt size: how full the context is
+  turns: 0, // counts turns started here: a message list fetched before one began is out of date
 };
 
 class ApiError extends Error {
@@ -671,7 +672,12 @@ function scrollToEnd() {
 }
 
 async function loadMessages() {
-  const page = await api.get(`/v1/conversations/${state.conversation.id}/messages?limit=100`);
+  const conversationId = state.conversation.id;
+  const turns = state.turns;
+  const page = await api.get(`/v1/conversations/${conversationId}/messages?limit=100`);
+  // A turn begun (or another conversation opened) while this list was on its way has changed the
+  // thread since: showing the list would drop the reply streaming in. The turn refreshes it after.
+  if (state.turns !== turns || !state.conversation || state.conversation.id !== conversationId) return;
   $("messages").replaceChildren(...page.data.map((m) => messageItem(m.role, m.content, m.status, m)));
   const replies = page.data.filter((m) => m.role === "assistant" && m.prompt_tokens !== null);
   state.promptTokens = replies.length ? replies[replies.length - 1].prompt_tokens : 0;
@@ -708,6 +714,7 @@ async function loadEarlier() {
 }
 
 function setStreaming(on, reply = null) {
+  if (on && !state.streaming) state.turns += 1;
   state.streaming = on;
   state.reply = on ? reply : null;
   $("send").disabled = on;
