@@ -326,7 +326,9 @@ async def test_a_malformed_reply_becomes_provider_error():
 async def test_an_upstream_that_stalls_mid_reply_becomes_provider_timeout(upstream: Upstream):
     upstream.provider.queue(ScriptedReply("a b c", hang_after=1))
     chunks: list[Chunk] = []
-    async with openai_provider(upstream.base_url, api_key=upstream.api_key, timeout_seconds=0.5) as provider:
+    # The timeout bounds each read, the first chunk's too: long enough for the upstream's first turn on
+    # a busy machine (0.5 s was not, once, in CI), and the hang after "a " never ends anyway.
+    async with openai_provider(upstream.base_url, api_key=upstream.api_key, timeout_seconds=3.0) as provider:
         with pytest.raises(ProviderTimeout):
             await collect(provider, into=chunks)
     assert [c.text for c in chunks] == ["a "]
