@@ -249,7 +249,6 @@ class Services:
             turns=turns,
             quotas=quotas,
             limits=ChatLimits(
-                short_term_memory_size=settings.short_term_memory_size,
                 max_message_chars=settings.max_message_chars,
                 context_tokens=settings.llm_context_size,
                 max_tokens=settings.llm_max_tokens,

@@ -48,7 +48,6 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ChatLimits:
-    short_term_memory_size: int = 20
     max_message_chars: int = 8000
     context_tokens: int = 2048
     max_tokens: int = 256
