@@ -61,6 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     if args.output is None:
         args.output = Path(".bench/quick.md") if args.quick else Path("docs/benchmarks.md")
+    if args.output.is_dir():  # found before the run, not after minutes of it
+        parser.error(f"--output {args.output} is a folder; give the markdown file to write, e.g. {args.output / 'bench.md'}")
     return args
 
 

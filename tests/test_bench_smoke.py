@@ -197,3 +197,13 @@ def test_overload_10x_is_judged_round_by_round_against_the_peak_level() -> None:
     ]
     assert peak_level(rounds) == 2
     assert round_ratios(rounds, 10, peak_level(rounds)) == pytest.approx([0.92, 0.92, 0.92])
+
+
+def test_an_output_folder_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import parse
+
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--quick", "--output", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert parse(["--quick", "--output", str(tmp_path / "bench.md")]).output == tmp_path / "bench.md"
