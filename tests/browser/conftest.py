@@ -256,9 +256,10 @@ def send(page: Page, text: str) -> None:
     page.get_by_label("Message").press("Enter")
 
 
-def pump_until(page: Page, condition: Callable[[], T], *, what: str, timeout: float = DEADLINE) -> T:
-    """`wait_until` for conditions set by Playwright's own callbacks (a `page.route` handler): those
-    run only while Playwright waits, so this waits through the page rather than `time.sleep`."""
+def wait_until(condition: Callable[[], T], *, what: str, timeout: float = DEADLINE, page: Page | None = None) -> T:
+    """Poll `condition` until it returns something truthy (and return that), failing after `timeout`.
+    With `page`, wait through the page, not `time.sleep`: a condition set by Playwright's own
+    callbacks (a `page.route` handler) changes only while Playwright waits."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -266,16 +267,7 @@ def pump_until(page: Page, condition: Callable[[], T], *, what: str, timeout: fl
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        page.wait_for_timeout(20)
-
-
-def wait_until(condition: Callable[[], T], *, what: str, timeout: float = DEADLINE) -> T:
-    """Poll `condition` until it returns something truthy (and return that), failing after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        if page is None:
+            time.sleep(0.05)
+        else:
+            page.wait_for_timeout(20)

@@ -16,7 +16,6 @@ from companion.llm.scripted import ScriptedProvider, ScriptedReply
 from tests.browser.conftest import (
     PHONE,
     ThreadedServer,
-    pump_until,
     send,
     sign_in,
     start_chat,
@@ -103,7 +102,7 @@ def test_a_message_sent_right_after_a_reply_is_not_wiped_by_the_late_refresh_of_
     page.route(thread_list, hold_list)
     send(page, "One.")
     expect(page.locator("#messages li.assistant .text")).to_have_text(["First reply."])
-    pump_until(page, lambda: held, what="the refresh after the first reply")
+    wait_until(lambda: held, what="the refresh after the first reply", page=page)
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
     send(page, "Two.")  # the refresh after the first reply is still on its way
@@ -115,7 +114,7 @@ def test_a_message_sent_right_after_a_reply_is_not_wiped_by_the_late_refresh_of_
     for _ in REPLY_TOKENS:
         app_server.call_soon(gate.release)
     # The refresh after this turn is held too: what shows is what the page streamed, not a reload.
-    pump_until(page, lambda: held, what="the refresh after the second reply")
+    wait_until(lambda: held, what="the refresh after the second reply", page=page)
     expect(page.locator("#messages li.user .text")).to_have_text(["One.", "Two."])
     expect(page.locator("#messages li.assistant .text")).to_have_text(["First reply.", second])
     expect(page.locator("#messages li.assistant").last).to_have_attribute("data-status", "complete")
